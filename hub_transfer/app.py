@@ -1,0 +1,294 @@
+"""The hub-transfer Application: options, logging, wiring, start and stop.
+
+Everything configurable lives on this class or on the classes it lists; nothing
+reads the environment at import time. ``initialize()`` builds the collaborators
+once (hub auth, the Globus submitter) and hands them to each route explicitly,
+so tests can hand in others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+import typing as t
+import weakref
+from urllib.parse import urlparse
+
+from jupyterhub.services.auth import HubOAuth
+from tornado import httpserver, web
+from traitlets import Bool, Bytes, Float, Instance, Integer, Unicode, default, validate
+from traitlets.config import Application, catch_config_error
+
+from ._version import __version__
+from .auth import OAuthCallbackHandler, ServiceHubAuth
+from .globus import TransferSubmitter
+from .handlers import default_handlers
+from .log import init_logging, log_request
+
+
+class StartupError(Exception):
+    """A setting is missing or wrong: the service cannot start."""
+
+
+class HubTransferApp(Application):
+    """Serve the transfer-submission API under the hub's service prefix."""
+
+    name = "hub-transfer"
+    version = __version__
+    description = """Submit Globus transfers for the Globus JupyterLab extension,
+    as a JupyterHub-managed service."""
+
+    classes = [TransferSubmitter]
+
+    aliases = {
+        "config": "HubTransferApp.config_file",
+        "log-level": "Application.log_level",
+        "bind-url": "HubTransferApp.bind_url",
+    }
+    flags = {
+        "generate-config": (
+            {"HubTransferApp": {"generate_config": True}},
+            "Print a config file with every option and its help, then exit.",
+        ),
+        "debug": (
+            {"Application": {"log_level": logging.DEBUG}},
+            "Log at DEBUG level.",
+        ),
+    }
+
+    config_file = Unicode(
+        "hub_transfer_config.py",
+        help="""Python config file to load. The default is read only when it
+        exists in the working directory; a file named with --config must exist.
+        """,
+    ).tag(config=True)
+
+    generate_config = Bool(
+        False, help="Print a config file with every option, then exit."
+    ).tag(config=True)
+
+    service_prefix = Unicode(
+        help="""URL prefix the hub's proxy routes to us, e.g.
+        /services/hub-transfer/. Default: JUPYTERHUB_SERVICE_PREFIX, which the hub
+        sets for managed services.
+        """
+    ).tag(config=True)
+
+    @default("service_prefix")
+    def _prefix_from_env(self) -> str:
+        return os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/hub-transfer/")
+
+    @validate("service_prefix")
+    def _slashes(self, proposal: t.Any) -> str:
+        return "/" + proposal["value"].strip("/") + "/"
+
+    bind_url = Unicode(
+        help="""Address to listen on, as a URL. Default: HUB_TRANSFER_BIND_URL, else
+        JUPYTERHUB_SERVICE_URL (the URL the hub's proxy uses to reach us), else
+        http://127.0.0.1:10101. On Kubernetes set HUB_TRANSFER_BIND_URL to
+        http://0.0.0.0:10101 so the proxy pod can reach the hub pod.
+        """
+    ).tag(config=True)
+
+    @default("bind_url")
+    def _bind_url_from_env(self) -> str:
+        return (
+            os.environ.get("HUB_TRANSFER_BIND_URL")
+            or os.environ.get("JUPYTERHUB_SERVICE_URL")
+            or "http://127.0.0.1:10101"
+        )
+
+    max_body_size = Integer(
+        1024 * 1024,
+        help="Largest request body accepted, in bytes; larger gets a JSON 413.",
+    ).tag(config=True)
+
+    cookie_secret = Bytes(
+        help="""Key that signs the OAuth cookie of browser sessions. Default:
+        HUB_TRANSFER_COOKIE_SECRET (hex), else random at each start, which only
+        means browser users log in again after a restart.
+        """
+    ).tag(config=True)
+
+    @default("cookie_secret")
+    def _cookie_secret_default(self) -> bytes:
+        from_env = os.environ.get("HUB_TRANSFER_COOKIE_SECRET", "").strip()
+        if from_env:
+            return bytes.fromhex(from_env)
+        return secrets.token_bytes(32)
+
+    shutdown_grace = Float(
+        5.0,
+        help="""Seconds in-flight requests may take to finish after SIGTERM or
+        SIGINT before the service exits anyway. Keep it well under the hub's own
+        30 s wait.
+        """,
+    ).tag(config=True)
+
+    hub_auth = Instance(HubOAuth, allow_none=True)
+    submitter = Instance(TransferSubmitter, allow_none=True)
+
+    # built by init_tornado / start
+    tornado_app = Instance(web.Application, allow_none=True)
+    http_server = Instance(httpserver.HTTPServer, allow_none=True)
+
+    @default("log_level")
+    def _log_level_default(self) -> int:
+        return logging.INFO
+
+    @default("log_datefmt")
+    def _log_datefmt_default(self) -> str:
+        return "%Y-%m-%d %H:%M:%S"
+
+    @default("log")
+    def _our_log(self) -> logging.Logger:
+        log = logging.getLogger("hub_transfer")
+        init_logging(log, logging.INFO)
+        return log
+
+    # ------------------------------------------------------------------
+    # set-up
+
+    @catch_config_error
+    def initialize(self, argv: list[str] | None = None) -> None:
+        super().initialize(argv)
+        if self.generate_config:
+            return
+        self.load_config()
+        init_logging(self.log, self.log_level)
+        self.init_hub_auth()
+        self.init_submitter()
+        self.init_tornado()
+
+    def load_config(self) -> None:
+        """Load the config file; only a file the admin named must exist."""
+        named = "config_file" in self.config.get("HubTransferApp", {})
+        if os.path.exists(self.config_file):
+            self.load_config_file(self.config_file)
+        elif named:
+            raise StartupError(f"config file {self.config_file} does not exist")
+
+    def init_hub_auth(self) -> None:
+        if self.hub_auth is None:
+            self.hub_auth = ServiceHubAuth(parent=self, cache_max_age=60)
+
+    def init_submitter(self) -> None:
+        if self.submitter is None:
+            self.submitter = TransferSubmitter(parent=self, log=self.log)
+
+    def check_settings(self) -> None:
+        """Refuse to start half-configured: one line naming what is missing."""
+        assert self.submitter is not None
+        missing = self.submitter.missing_settings()
+        if missing:
+            raise StartupError("missing required setting(s): " + ", ".join(missing))
+
+    def route(self, path: str) -> str:
+        return self.service_prefix + path
+
+    def init_tornado(self) -> None:
+        """Build the Tornado application; every route gets its collaborators."""
+        kwargs = {
+            "hub_auth": self.hub_auth,
+            "submitter": self.submitter,
+            "max_body_size": self.max_body_size,
+        }
+        routes: list[t.Any] = [
+            (self.route(path) + r"/?" if path else self.route(path), handler, kwargs)
+            for path, handler in default_handlers
+        ]
+        routes.append((self.route("oauth_callback"), OAuthCallbackHandler, kwargs))
+        self.handlers_in_flight: weakref.WeakSet[web.RequestHandler] = weakref.WeakSet()
+        self.tornado_app = web.Application(
+            routes,
+            cookie_secret=self.cookie_secret,
+            log_function=log_request,
+            # the proxy in front of us sets X-Forwarded-For
+            xheaders=True,
+            in_flight=self.handlers_in_flight,
+        )
+
+    # ------------------------------------------------------------------
+    # running and stopping
+
+    def start(self) -> None:
+        if self.generate_config:
+            print(self.generate_config_file())
+            return
+        self.check_settings()
+        asyncio.run(self.serve())
+
+    async def serve(self) -> None:
+        """Listen until SIGINT or SIGTERM, then stop cleanly."""
+        assert self.tornado_app is not None
+        url = urlparse(self.bind_url)
+        host = url.hostname or "127.0.0.1"
+        port = url.port or 10101
+
+        # tornado drops connections over max_buffer_size; our handler answers a
+        # JSON 413 first, so leave tornado's own limit comfortably above ours
+        self.http_server = httpserver.HTTPServer(
+            self.tornado_app,
+            xheaders=True,
+            max_body_size=self.max_body_size * 2,
+            idle_connection_timeout=60,
+            body_timeout=30,
+        )
+        self.http_server.listen(port, host)
+        self.log.info(
+            "hub-transfer %s listening on %s:%s, routes under %s",
+            __version__,
+            host,
+            port,
+            self.service_prefix,
+        )
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig, stop)
+        await stop.wait()
+        await self.shutdown()
+
+    def _on_signal(self, sig: int, stop: asyncio.Event) -> None:
+        if stop.is_set():
+            self.log.warning("Second %s: exiting now", signal.Signals(sig).name)
+            os._exit(1)
+        self.log.info("%s received: shutting down", signal.Signals(sig).name)
+        stop.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish, release resources."""
+        if self.http_server is not None:
+            self.http_server.stop()
+
+        deadline = asyncio.get_running_loop().time() + self.shutdown_grace
+        while self.pending_requests() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.pending_requests()
+        if left:
+            self.log.warning("Exiting with %d request(s) still in flight", left)
+
+        if self.http_server is not None:
+            await self.http_server.close_all_connections()
+        if self.submitter is not None:
+            self.submitter.close()
+        self.log.info("hub-transfer stopped")
+
+    def pending_requests(self) -> int:
+        return sum(1 for h in self.handlers_in_flight if not h._finished)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: ``hub-transfer`` and ``python -m hub_transfer``."""
+    app = HubTransferApp()
+    try:
+        app.initialize(argv)
+        app.start()
+    except StartupError as exc:
+        print(f"hub-transfer: cannot start: {exc}", file=sys.stderr)
+        sys.exit(1)

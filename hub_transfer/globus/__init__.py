@@ -1,0 +1,10 @@
+"""Everything that talks to Globus: token checks, dependent tokens, submission.
+
+Every globus-sdk call is synchronous; the classes here run them in a bounded
+thread pool so the event loop keeps serving other users while Globus answers.
+"""
+
+from .identity import GlobusUser
+from .submitter import TransferSubmitter
+
+__all__ = ["GlobusUser", "TransferSubmitter"]

@@ -1,0 +1,12 @@
+"""HTTP handlers. Each module lists its routes in ``default_handlers``."""
+
+from __future__ import annotations
+
+from tornado import web
+
+from . import info, transfers
+
+default_handlers: list[tuple[str, type[web.RequestHandler]]] = [
+    *info.default_handlers,
+    *transfers.default_handlers,
+]
