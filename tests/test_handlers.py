@@ -1,0 +1,261 @@
+"""The HTTP contract, in-process: hub identity, body checks, answers, errors."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from hub_transfer.errors import ServiceError
+
+from .conftest import DESTINATION, SOURCE, transfer_body
+
+
+async def test_submit_returns_task_id(api, submitter):
+    status, body, _ = await api.submit(transfer_body())
+
+    assert status == 201
+    assert body["task_id"] == "task-1"
+    assert body["submission_id"] == "sub-1"
+    user, document = submitter.submitted[0]
+    assert document.source_endpoint == SOURCE
+    assert document.destination_endpoint == DESTINATION
+    assert [i.destination_path for i in document.items] == ["~/", "~/bar"]
+    assert [i.recursive for i in document.items] == [False, True]
+    assert document.label == "from JupyterLab"
+
+
+async def test_submit_at_api_transfers_and_seed_alias(api, submitter):
+    body = transfer_body(
+        DATA=[{"source_path": "/a", "destination": "~/a", "recursive": False}]
+    )
+    status, answer, _ = await api.request("POST", "api/transfers", body=body)
+
+    assert status == 201, answer
+    assert submitter.submitted[0][1].items[0].destination_path == "~/a"
+
+
+@pytest.mark.parametrize(
+    "token, status, error",
+    [
+        (None, 401, "hub_auth_required"),
+        ("not-a-hub-token", 401, "hub_auth_required"),
+        ("bob-no-access", 403, "hub_access_denied"),
+    ],
+)
+async def test_hub_identity_is_required(api, submitter, token, status, error):
+    code, body, _ = await api.submit(transfer_body(), token=token)
+
+    assert code == status
+    assert body["error"] == error
+    assert body["status"] == status
+    assert submitter.submitted == []
+
+
+async def test_token_scheme_is_accepted_too(api):
+    status, body, _ = await api.submit(
+        transfer_body(), token=None, headers={"Authorization": "token alice-server-token"}
+    )
+    assert status == 201, body
+
+
+def _without(key):
+    body = transfer_body()
+    del body["transfer"][key]
+    return body
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b"{not json", "body"),
+        (b"[]", "body"),
+        (b'{"globus_token": "good"}', "transfer"),
+        ({"globus_token": "good", "transfer": []}, "transfer"),
+        (_without("source_endpoint"), "transfer.source_endpoint"),
+        (transfer_body(source_endpoint="not-a-uuid"), "transfer.source_endpoint"),
+        (
+            transfer_body(destination_endpoint="{" + DESTINATION + "}"),
+            "transfer.destination_endpoint",
+        ),
+        (transfer_body(DATA=[]), "transfer.DATA"),
+        (transfer_body(DATA={"source_path": "/a"}), "transfer.DATA"),
+        (transfer_body(DATA=["/a"]), "transfer.DATA[0]"),
+        (
+            transfer_body(DATA=[{"destination_path": "/b"}]),
+            "transfer.DATA[0].source_path",
+        ),
+        (
+            transfer_body(DATA=[{"source_path": "/a"}]),
+            "transfer.DATA[0].destination_path",
+        ),
+        (
+            transfer_body(
+                DATA=[{"source_path": "/a", "destination_path": "/b", "recursive": "y"}]
+            ),
+            "transfer.DATA[0].recursive",
+        ),
+        (
+            transfer_body(DATA=[{"source_path": "/a\x00", "destination_path": "/b"}]),
+            "transfer.DATA[0].source_path",
+        ),
+        (transfer_body(label="x" * 129), "transfer.label"),
+        (transfer_body(label="two\nlines"), "transfer.label"),
+        (transfer_body(label=5), "transfer.label"),
+        ({"globus_token": 5, "transfer": transfer_body()["transfer"]}, "globus_token"),
+    ],
+)
+async def test_bad_documents_get_400_naming_the_field(api, submitter, body, field):
+    raw = body if isinstance(body, bytes) else None
+    status, answer, _ = await api.submit(body if raw is None else None, raw=raw)
+
+    assert status == 400, answer
+    assert answer["error"] == "invalid_transfer"
+    assert answer["field"] == field
+    assert answer["message"]
+    assert submitter.submitted == []
+
+
+async def test_too_many_items(api, submitter):
+    submitter.max_items = 3
+    items = [{"source_path": f"/f{i}", "destination_path": "/d/"} for i in range(4)]
+    status, answer, _ = await api.submit(transfer_body(DATA=items))
+
+    assert status == 400
+    assert answer["field"] == "transfer.DATA"
+    assert "at most 3" in answer["message"]
+
+
+async def test_label_is_optional_and_trimmed(api, submitter):
+    body = transfer_body()
+    del body["transfer"]["label"]
+    assert (await api.submit(body))[0] == 201
+    assert (await api.submit(transfer_body(label=None)))[0] == 201
+    assert (await api.submit(transfer_body(label="  spaced  ")))[0] == 201
+
+    labels = [document.label for _, document in submitter.submitted]
+    assert labels == [None, None, "spaced"]
+
+
+async def test_oversized_body_gets_json_413(api, hub_app, submitter):
+    raw = b'{"globus_token": "good", "pad": "' + b"x" * hub_app.max_body_size + b'"}'
+    status, answer, _ = await api.submit(raw=raw)
+
+    assert status == 413
+    assert answer["error"] == "body_too_large"
+    assert submitter.submitted == []
+
+
+async def test_wrong_content_type_is_415(api):
+    status, answer, _ = await api.submit(
+        transfer_body(), headers={"Content-Type": "text/plain"}
+    )
+    assert status == 415
+    assert answer["error"] == "unsupported_media_type"
+
+
+async def test_missing_globus_token_is_401(api, submitter):
+    body = transfer_body()
+    del body["globus_token"]
+    status, answer, _ = await api.submit(body)
+
+    assert status == 401
+    assert answer["error"] == "globus_token_missing"
+    assert submitter.submitted == []
+
+
+async def test_expired_globus_token_is_401(api, submitter):
+    body = transfer_body()
+    body["globus_token"] = "expired-token"
+    status, answer, _ = await api.submit(body)
+
+    assert status == 401
+    assert answer["error"] == "globus_token_expired"
+
+
+async def test_globus_refusal_keeps_its_details(api, submitter):
+    submitter.fail_submit = ServiceError(
+        403,
+        "consent_required",
+        "Globus needs more consent.",
+        globus_code="ConsentRequired",
+        request_id="r-123",
+        required_scopes=["urn:globus:auth:scope:transfer.api.globus.org:all[*x]"],
+    )
+    status, answer, _ = await api.submit(transfer_body())
+
+    assert status == 403
+    assert answer["error"] == "consent_required"
+    assert answer["globus_code"] == "ConsentRequired"
+    assert answer["request_id"] == "r-123"
+    assert answer["required_scopes"]
+
+
+async def test_unexpected_failure_is_json_500_without_traceback(api, submitter):
+    async def broken(*args, **kwargs):
+        raise RuntimeError("secret-bearing internals")
+
+    submitter.submit = broken
+    status, answer, response = await api.submit(transfer_body())
+
+    assert status == 500
+    assert answer["error"] == "internal_error"
+    assert "secret-bearing" not in response.body.decode()
+    assert "Traceback" not in response.body.decode()
+
+
+async def test_no_token_in_logs_or_answers(api, submitter):
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(self.format(record))
+
+    collector = Collect()
+    watched = [logging.getLogger(n) for n in ("hub_transfer", "tornado")]
+    for logger in watched:
+        logger.addHandler(collector)
+        logger.setLevel(logging.DEBUG)
+    try:
+        answers = []
+        for token in ("good-SECRET-1", "expired-SECRET-2", "bad-SECRET-3"):
+            body = transfer_body()
+            body["globus_token"] = token
+            answers.append((await api.submit(body))[2].body.decode())
+        answers.append((await api.submit(transfer_body(), token="hubSECRET"))[2].body)
+    finally:
+        for logger in watched:
+            logger.removeHandler(collector)
+
+    assert records, "the service should have logged something"
+    for text in records + [str(a) for a in answers]:
+        assert "SECRET" not in text
+
+
+async def test_health_needs_no_auth(api):
+    status, body, _ = await api.request("GET", "api/health", token=None)
+    assert status == 200
+    assert body["status"] == "ok"
+
+
+async def test_root_describes_service_for_hub_user(api):
+    status, body, _ = await api.request("GET", "")
+    assert status == 200
+    assert body["user"] == "alice"
+    assert body["service"] == "hub-transfer"
+
+
+async def test_root_redirects_browsers_and_refuses_bad_tokens(api):
+    status, _, response = await api.request("GET", "", token=None)
+    assert status == 302
+    assert "oauth2/authorize" in response.headers["Location"]
+
+    status, body, _ = await api.request("GET", "", token="bob-no-access")
+    assert status == 403
+    assert body["error"] == "hub_access_denied"
+
+
+async def test_unknown_route_and_method_are_json(api):
+    status, body, _ = await api.request("DELETE", "api/transfers")
+    assert status == 405
+    assert body["error"] == "method_not_allowed"
