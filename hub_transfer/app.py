@@ -24,10 +24,15 @@ from traitlets import Bool, Bytes, Float, Instance, Integer, Unicode, default, v
 from traitlets.config import Application, catch_config_error
 
 from ._version import __version__
+from .access import AccessManager, Reconciler
 from .auth import OAuthCallbackHandler, ServiceHubAuth
+from .errors import ServiceError
 from .globus import TransferSubmitter
 from .handlers import default_handlers
 from .log import init_logging, log_request
+from .policy import AccessPolicy
+from .store import CryptKeeper, CryptKeyError, Store
+from .store.db import SchemaError
 
 
 class StartupError(Exception):
@@ -42,7 +47,7 @@ class HubTransferApp(Application):
     description = """Submit Globus transfers for the Globus JupyterLab extension,
     as a JupyterHub-managed service."""
 
-    classes = [TransferSubmitter]
+    classes = [TransferSubmitter, AccessManager, AccessPolicy]
 
     aliases = {
         "config": "HubTransferApp.config_file",
@@ -129,8 +134,23 @@ class HubTransferApp(Application):
         """,
     ).tag(config=True)
 
+    db_url = Unicode(
+        help="""SQLAlchemy URL of the database that tracks ACL rules and the tasks
+        holding them (ACL mode only). Default: HUB_TRANSFER_DB_URL, else a SQLite
+        file hub_transfer.sqlite in the working directory.
+        """
+    ).tag(config=True)
+
+    @default("db_url")
+    def _db_url_from_env(self) -> str:
+        return os.environ.get("HUB_TRANSFER_DB_URL", "sqlite:///hub_transfer.sqlite")
+
     hub_auth = Instance(HubOAuth, allow_none=True)
     submitter = Instance(TransferSubmitter, allow_none=True)
+    access = Instance(AccessManager, allow_none=True)
+    policy = Instance(AccessPolicy, allow_none=True)
+    store = Instance(Store, allow_none=True)
+    reconciler = Instance(Reconciler, allow_none=True)
 
     # built by init_tornado / start
     tornado_app = Instance(web.Application, allow_none=True)
@@ -162,6 +182,7 @@ class HubTransferApp(Application):
         init_logging(self.log, self.log_level)
         self.init_hub_auth()
         self.init_submitter()
+        self.init_access()
         self.init_tornado()
 
     def load_config(self) -> None:
@@ -180,6 +201,52 @@ class HubTransferApp(Application):
         if self.submitter is None:
             self.submitter = TransferSubmitter(parent=self, log=self.log)
 
+    def init_access(self) -> None:
+        """Set up ACL mode when a collection is configured; otherwise stay off."""
+        if self.access is not None:
+            return
+        assert self.submitter is not None
+        access_config = AccessManager(parent=self)
+        if not access_config.enabled:
+            return
+        try:
+            crypt = CryptKeeper()
+        except CryptKeyError as exc:
+            raise StartupError(str(exc)) from None
+        self.store = Store(self.db_url)
+        try:
+            self.store.upgrade()
+        except SchemaError as exc:
+            raise StartupError(str(exc)) from None
+        self.submitter.keep_refresh_tokens = True
+        self.access = AccessManager(
+            parent=self, store=self.store, submitter=self.submitter, crypt=crypt
+        )
+        self.policy = AccessPolicy(parent=self)
+        self.log.info(
+            "ACL mode on: collection %s, user area %s, at most %d rules",
+            self.access.collection_id,
+            self.policy.path_template,
+            self.access.max_rules,
+        )
+
+    async def check_collection(self) -> None:
+        """Prove at start that our client may manage the collection's rules."""
+        assert self.access is not None
+        try:
+            rules = await self.access.acl.list_rules()
+        except ServiceError as exc:
+            raise StartupError(
+                f"cannot list ACL rules on collection {self.access.collection_id} "
+                f"({exc.error}: {exc.message}); the client needs the Access Manager "
+                "role there"
+            ) from None
+        self.log.info(
+            "Collection %s: client may manage its rules (%d present)",
+            self.access.collection_id,
+            len(rules),
+        )
+
     def check_settings(self) -> None:
         """Refuse to start half-configured: one line naming what is missing."""
         assert self.submitter is not None
@@ -196,6 +263,9 @@ class HubTransferApp(Application):
             "hub_auth": self.hub_auth,
             "submitter": self.submitter,
             "max_body_size": self.max_body_size,
+            "access": self.access,
+            "policy": self.policy,
+            "test_pause": _test_pause_from_env(),
         }
         routes: list[t.Any] = [
             (self.route(path) + r"/?" if path else self.route(path), handler, kwargs)
@@ -222,9 +292,19 @@ class HubTransferApp(Application):
         self.check_settings()
         asyncio.run(self.serve())
 
+    async def start_access(self) -> None:
+        """ACL mode: check the collection, settle leftovers, start polling."""
+        if self.access is None:
+            return
+        await self.check_collection()
+        await self.access.recover()
+        self.reconciler = Reconciler(self.access)
+        self.reconciler.start()
+
     async def serve(self) -> None:
         """Listen until SIGINT or SIGTERM, then stop cleanly."""
         assert self.tornado_app is not None
+        await self.start_access()
         url = urlparse(self.bind_url)
         host = url.hostname or "127.0.0.1"
         port = url.port or 10101
@@ -275,12 +355,24 @@ class HubTransferApp(Application):
 
         if self.http_server is not None:
             await self.http_server.close_all_connections()
+        if self.reconciler is not None:
+            await self.reconciler.stop()
         if self.submitter is not None:
             self.submitter.close()
+        if self.store is not None:
+            self.store.close()
         self.log.info("hub-transfer stopped")
 
     def pending_requests(self) -> int:
         return sum(1 for h in self.handlers_in_flight if not h._finished)
+
+
+def _test_pause_from_env() -> tuple[str, float] | None:
+    """A pause between rule creation and submit, for crash-recovery tests only."""
+    label = os.environ.get("HUB_TRANSFER_TEST_PAUSE_LABEL")
+    if not label:
+        return None
+    return label, float(os.environ.get("HUB_TRANSFER_TEST_PAUSE_SECONDS", "30"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ from traitlets import Dict
 from hub_transfer.app import HubTransferApp
 from hub_transfer.auth import ServiceHubAuth
 from hub_transfer.errors import ServiceError
-from hub_transfer.globus import GlobusUser, TransferSubmitter
+from hub_transfer.globus import GlobusUser, TransferSubmitter, UserCredential
 from hub_transfer.model import TransferDocument
 
 SERVICE_SCOPE = "access:services!service=hub-transfer"
@@ -68,7 +68,10 @@ class FakeSubmitter(TransferSubmitter):
             token_hash="abc",
         )
 
-    async def submit(self, token, user, document):
+    async def user_credential(self, token, user):
+        return UserCredential("transfer-token", None, 4e9)
+
+    async def submit(self, credential, user, document):
         if self.fail_submit:
             raise self.fail_submit
         self.submitted.append((user, document))

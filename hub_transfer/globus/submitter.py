@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import os
 import time
@@ -23,7 +24,7 @@ import typing as t
 import globus_sdk
 import requests.adapters
 from globus_sdk.transport import RequestsTransport, RetryConfig
-from traitlets import Float, Integer, Unicode, default, validate
+from traitlets import Bool, Float, Integer, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from ..errors import ServiceError
@@ -37,6 +38,17 @@ T = t.TypeVar("T")
 
 TRANSFER_RESOURCE_SERVER = "transfer.api.globus.org"
 TRANSFER_SCOPE = "urn:globus:auth:scope:transfer.api.globus.org:all"
+# task ids per task_list call when polling; keeps the filter well inside URL limits
+TASK_BATCH = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class UserCredential:
+    """A user's Transfer token from the dependent grant (never logged)."""
+
+    access_token: str = dataclasses.field(repr=False)
+    refresh_token: str | None = dataclasses.field(repr=False)
+    expires_at: float
 
 
 class TransferSubmitter(LoggingConfigurable):
@@ -122,6 +134,14 @@ class TransferSubmitter(LoggingConfigurable):
         """,
     ).tag(config=True)
 
+    keep_refresh_tokens = Bool(
+        False,
+        help="""Also ask for refresh tokens in the dependent-token grant. Turned
+        on by the application in ACL mode, where users' tasks are polled long
+        after their access tokens expire.
+        """,
+    ).tag(config=True)
+
     cache_size = Integer(
         10000,
         help="Entries kept at most in each token cache (least recently used go).",
@@ -141,7 +161,11 @@ class TransferSubmitter(LoggingConfigurable):
         self.introspections: ExpiringLRU[str, GlobusUser | ServiceError] = ExpiringLRU(
             self.cache_size
         )
-        self.transfer_tokens: ExpiringLRU[str, str] = ExpiringLRU(self.cache_size)
+        self.transfer_tokens: ExpiringLRU[str, UserCredential] = ExpiringLRU(
+            self.cache_size
+        )
+        self.polling_tokens: ExpiringLRU[str, str] = ExpiringLRU(self.cache_size)
+        self._service_client: globus_sdk.TransferClient | None = None
         self._transport = self._make_transport()
 
     # ------------------------------------------------------------------
@@ -292,19 +316,22 @@ class TransferSubmitter(LoggingConfigurable):
     # ------------------------------------------------------------------
     # acting as the user
 
-    async def user_transfer_token(self, token: str, user: GlobusUser) -> str:
-        """A Transfer access token for the user, via the dependent-token grant.
+    async def user_credential(self, token: str, user: GlobusUser) -> UserCredential:
+        """A Transfer token for the user, via the dependent-token grant.
 
         The token is picked by resource server, never by list position: a scope
-        with several dependencies returns tokens in no promised order.
+        with several dependencies returns tokens in no promised order. With
+        ``keep_refresh_tokens`` the grant also asks for a refresh token, so the
+        user's tasks can still be polled after the access token expires.
         """
 
-        async def grant() -> tuple[str, float]:
+        async def grant() -> tuple[UserCredential, float]:
             response = await self.call(
                 "dependent_token",
                 self.auth_client.oauth2_get_dependent_tokens,
                 token,
                 scope=TRANSFER_SCOPE,
+                refresh_tokens=self.keep_refresh_tokens,
             )
             info = response.by_resource_server.get(TRANSFER_RESOURCE_SERVER)
             if not info:
@@ -315,27 +342,29 @@ class TransferSubmitter(LoggingConfigurable):
                     "custom scope must list Transfer's scope "
                     f"({TRANSFER_SCOPE}) among its dependent scopes.",
                 )
-            ttl = float(info["expires_at_seconds"]) - time.time()
-            return info["access_token"], ttl - self.dependent_token_margin
+            credential = UserCredential(
+                access_token=info["access_token"],
+                refresh_token=info.get("refresh_token"),
+                expires_at=float(info["expires_at_seconds"]),
+            )
+            ttl = credential.expires_at - time.time() - self.dependent_token_margin
+            return credential, ttl
 
         return await self.transfer_tokens.get_or_load(user.token_hash, grant)
 
     async def submit(
-        self, token: str, user: GlobusUser, document: TransferDocument
+        self, credential: UserCredential, user: GlobusUser, document: TransferDocument
     ) -> dict[str, t.Any]:
         """Submit ``document`` to Globus Transfer as the user.
 
         :returns: Globus's answer: ``task_id``, ``submission_id``, ``code``...
         :raises ServiceError: if Globus refuses or cannot be reached
         """
-        transfer_token = await self.user_transfer_token(token, user)
-        client = self.transfer_client(transfer_token)
-
-        # a submission id first, so a retried submit can never start twice
-        submission = await self.call("submission_id", client.get_submission_id)
-        data = build_transfer_data(document, submission["value"])
-
+        client = self.transfer_client(credential.access_token)
         try:
+            # a submission id first, so a retried submit can never start twice
+            submission = await self.call("submission_id", client.get_submission_id)
+            data = build_transfer_data(document, submission["value"])
             result = await self.call("submit", client.submit_transfer, data)
         except ServiceError as err:
             # a token Globus no longer accepts must not be served again
@@ -343,6 +372,71 @@ class TransferSubmitter(LoggingConfigurable):
                 self.transfer_tokens.discard(user.token_hash)
             raise
         return dict(result.data)
+
+    async def task_statuses(
+        self, identity_id: str, refresh_token: str, task_ids: list[str]
+    ) -> dict[str, str]:
+        """The status of each of one user's tasks, in as few calls as possible.
+
+        Uses the user's kept refresh token, since the access token of the
+        original request has long expired by the time a transfer ends. One
+        ``task_list`` call covers up to ``TASK_BATCH`` tasks.
+        """
+
+        async def refresh() -> tuple[str, float]:
+            response = await self.call(
+                "refresh_token", self.auth_client.oauth2_refresh_token, refresh_token
+            )
+            info = response.by_resource_server.get(TRANSFER_RESOURCE_SERVER) or {}
+            if not info.get("access_token"):
+                raise ServiceError(
+                    502,
+                    "no_transfer_token",
+                    "The refresh grant gave no Transfer token.",
+                )
+            ttl = float(info["expires_at_seconds"]) - time.time()
+            return info["access_token"], ttl - self.dependent_token_margin
+
+        access_token = await self.polling_tokens.get_or_load(identity_id, refresh)
+        client = self.transfer_client(access_token)
+
+        statuses: dict[str, str] = {}
+        for start in range(0, len(task_ids), TASK_BATCH):
+            batch = task_ids[start : start + TASK_BATCH]
+            try:
+                page = await self.call(
+                    "task_list",
+                    client.task_list,
+                    filter="task_id:" + ",".join(batch),
+                    limit=len(batch),
+                )
+            except ServiceError as err:
+                if err.status_code in (401, 403):
+                    self.polling_tokens.discard(identity_id)
+                raise
+            for task in page:
+                statuses[task["task_id"]] = task["status"]
+        return statuses
+
+    # ------------------------------------------------------------------
+    # acting as the service itself
+
+    def service_transfer_client(self) -> globus_sdk.TransferClient:
+        """A Transfer client with the service's own client-credentials token.
+
+        The authorizer fetches the token once and renews it shortly before it
+        expires, so ACL calls do not each cost a token request.
+        """
+        if self._service_client is None:
+            authorizer = globus_sdk.ClientCredentialsAuthorizer(
+                self.auth_client, TRANSFER_SCOPE
+            )
+            self._service_client = globus_sdk.TransferClient(
+                authorizer=authorizer,
+                transport=self._transport,
+                retry_config=self._retry_config(),
+            )
+        return self._service_client
 
 
 def build_transfer_data(

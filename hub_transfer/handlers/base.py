@@ -102,6 +102,22 @@ class APIHandler(BaseHandler):
         # ignores the cookie); token-authenticated API calls need no XSRF token
         return self.hub_auth.check_xsrf_cookie(self)
 
+    def page_arguments(self, default_limit: int = 50) -> tuple[int, int]:
+        """``?limit=&offset=`` as bounded integers, or a 400 naming the bad one."""
+        values = []
+        for name, default, most in (("limit", default_limit, 500), ("offset", 0, None)):
+            raw = self.get_query_argument(name, str(default))
+            if not raw.isdigit():
+                raise ServiceError(
+                    400,
+                    "invalid_argument",
+                    f"{name} must be a non-negative integer.",
+                    field=name,
+                )
+            value = int(raw)
+            values.append(min(value, most) if most else value)
+        return values[0], values[1]
+
     def write_json(self, data: t.Any, status: int = 200) -> None:
         self.set_status(status)
         self.finish(json.dumps(data))

@@ -6,14 +6,17 @@ sound, whose Globus token is it, submit as the user, answer with the task id.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import typing as t
 
 from tornado import web
 
+from ..access import AccessManager
 from ..errors import ServiceError
-from ..globus import TransferSubmitter
+from ..globus import GlobusUser, TransferSubmitter, UserCredential
 from ..model import DocumentError, SubmitRequest, parse_submit_body
+from ..policy import AccessNeed, AccessPolicy, PolicyError
 from .base import APIHandler
 
 log = logging.getLogger(__name__)
@@ -34,11 +37,17 @@ class TransfersHandler(APIHandler):
         hub_auth: t.Any,
         submitter: TransferSubmitter,
         max_body_size: int,
+        access: AccessManager | None = None,
+        policy: AccessPolicy | None = None,
+        test_pause: tuple[str, float] | None = None,
         **kwargs: t.Any,
     ) -> None:
         super().initialize(hub_auth, **kwargs)
         self.submitter = submitter
         self.max_body_size = max_body_size
+        self.access = access
+        self.policy = policy
+        self.test_pause = test_pause
         self._chunks: list[bytes] = []
         self._received = 0
 
@@ -86,6 +95,82 @@ class TransfersHandler(APIHandler):
                 400, "invalid_transfer", exc.message, field=exc.field
             ) from None
 
+    def plan_access(self, request: SubmitRequest, username: str) -> list[AccessNeed]:
+        """The rules this transfer needs on the hub collection; none off ACL mode."""
+        if self.access is None or self.policy is None:
+            return []
+        try:
+            return self.policy.needs(
+                request.transfer, self.access.collection_id, username
+            )
+        except PolicyError as exc:
+            raise ServiceError(
+                exc.status, exc.error, exc.message, field=exc.field or None
+            ) from None
+
+    async def pause_for_tests(self, label: str | None) -> None:
+        """Hold a submission between its rules and its submit, for crash tests.
+
+        Active only when HUB_TRANSFER_TEST_PAUSE_LABEL is set and the transfer
+        carries that label; a real deployment never sets it.
+        """
+        if self.test_pause and label == self.test_pause[0]:
+            log.warning("Test pause: holding %r for %ss", label, self.test_pause[1])
+            await asyncio.sleep(self.test_pause[1])
+
+    async def get(self) -> None:
+        """The calling user's tracked transfers (ACL mode), newest first."""
+        hub_user = self.require_hub_user()
+        limit, offset = self.page_arguments()
+        if self.access is None:
+            page = {"items": [], "total": 0, "limit": limit, "offset": offset}
+        else:
+            page = self.access.transfers_for(hub_user["name"], limit, offset)
+        self.write_json(page)
+
+    async def submit_with_access(
+        self,
+        hub_name: str,
+        globus_user: GlobusUser,
+        credential: UserCredential,
+        needs: list[AccessNeed],
+        request: SubmitRequest,
+    ) -> dict[str, t.Any]:
+        """Submit, with the rules the transfer needs held around the submit.
+
+        Rules are recorded and created first; if the submit fails they are
+        revoked before the error is answered; if it succeeds the task is
+        tracked so the reconciler revokes them when it ends.
+        """
+        access = self.access
+        hold = None
+        if needs and access is not None:
+            hold = await access.open(
+                hub_name, globus_user, needs, request.transfer.label
+            )
+            await self.pause_for_tests(request.transfer.label)
+
+        try:
+            result = await self.submitter.submit(
+                credential, globus_user, request.transfer
+            )
+            if not result.get("task_id"):
+                raise ServiceError(
+                    502,
+                    "no_task_id",
+                    "Globus accepted the submission but returned no task id.",
+                    globus_code=result.get("code"),
+                    request_id=result.get("request_id"),
+                )
+        except BaseException:
+            if hold is not None and access is not None:
+                await access.abandon(hold)
+            raise
+
+        if hold is not None and access is not None:
+            access.confirm(hold, result["task_id"], credential.refresh_token)
+        return result
+
     async def post(self) -> None:
         # 1. who is calling: checked in prepare() before the body was read
         hub_user = self.require_hub_user()
@@ -105,19 +190,17 @@ class TransfersHandler(APIHandler):
             )
         globus_user = await self.submitter.authenticate(token)
 
-        # 4. submit as the user
-        result = await self.submitter.submit(token, globus_user, request.transfer)
+        # 4. may they touch these paths of the hub collection? (ACL mode)
+        needs = self.plan_access(request, hub_user["name"])
+        credential = await self.submitter.user_credential(token, globus_user)
 
-        # 5. answer: the extension needs task_id, and treats any 2xx as success
-        task_id = result.get("task_id")
-        if not task_id:
-            raise ServiceError(
-                502,
-                "no_task_id",
-                "Globus accepted the submission but returned no task id.",
-                globus_code=result.get("code"),
-                request_id=result.get("request_id"),
-            )
+        # 5. open access (ACL mode), submit as the user, track the task
+        result = await self.submit_with_access(
+            hub_user["name"], globus_user, credential, needs, request
+        )
+        task_id = result["task_id"]
+
+        # 6. answer: the extension needs task_id and treats any 2xx as success
         self.log_outcome = (
             f"task_id={task_id} items={len(request.transfer.items)} "
             f"globus_identity={globus_user.identity_id}"
@@ -141,6 +224,30 @@ class TransfersHandler(APIHandler):
         )
 
 
+class RulesHandler(APIHandler):
+    """``GET api/acls``: every live rule the service tracks, for hub admins."""
+
+    def initialize(  # type: ignore[override]
+        self, hub_auth: t.Any, access: AccessManager | None = None, **kwargs: t.Any
+    ) -> None:
+        super().initialize(hub_auth, **kwargs)
+        self.access = access
+
+    async def get(self) -> None:
+        hub_user = self.require_hub_user()
+        if not hub_user.get("admin"):
+            raise ServiceError(
+                403, "admin_only", "Only hub admins may list the collection's rules."
+            )
+        limit, offset = self.page_arguments()
+        if self.access is None:
+            page = {"items": [], "total": 0, "limit": limit, "offset": offset}
+        else:
+            page = self.access.live_rules(limit, offset)
+        self.write_json(page)
+
+
 default_handlers: list[tuple[str, type[web.RequestHandler]]] = [
     ("api/transfers", TransfersHandler),
+    ("api/acls", RulesHandler),
 ]

@@ -1,0 +1,514 @@
+"""Open the hub collection for one transfer, and close it again afterwards.
+
+The order of every step is chosen so that a process killed at any moment leaves
+a record that the next start can act on:
+
+1. the submission and its rule *intents* are committed before Globus is asked;
+2. each rule id Globus returns is committed at once;
+3. the transfer is submitted; on failure the rules made for it are deleted;
+4. the task id is committed; the reconciler revokes rules when tasks end.
+
+No database transaction is held open across an ``await``: each step is a
+short synchronous block, so one slow Globus call never locks the database for
+other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import datetime
+import logging
+import os
+import typing as t
+
+from sqlalchemy import func, select
+from traitlets import Float, Integer, Unicode, default
+from traitlets.config import LoggingConfigurable
+
+from ..errors import ServiceError
+from ..globus import CollectionACL, GlobusUser, TransferSubmitter
+from ..policy import AccessNeed, covers
+from ..store import CryptKeeper, Store
+from ..store.models import Credential, Rule, Submission, utcnow
+
+log = logging.getLogger(__name__)
+
+# statuses after which Globus will never touch the collection for a task again
+FINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED"})
+
+
+@dataclasses.dataclass
+class Hold:
+    """The rules one in-progress submission holds (by database id)."""
+
+    submission_id: int
+    rule_ids: list[int]
+
+
+class AccessManager(LoggingConfigurable):
+    """Grant and revoke temporary ACL rules on the hub's guest collection."""
+
+    collection_id = Unicode(
+        help="""UUID of the hub's Globus guest collection. When set, the service
+        grants each user a temporary ACL rule on the directories a transfer
+        needs and removes it when the transfer ends (ACL mode). The service's
+        Globus client must hold the Access Manager role on this collection.
+
+        Default: GLOBUS_COLLECTION_ID, else GLOBUS_LOCAL_ENDPOINT. Empty turns
+        ACL mode off.
+        """
+    ).tag(config=True)
+
+    @default("collection_id")
+    def _collection_from_env(self) -> str:
+        return (
+            os.environ.get("GLOBUS_COLLECTION_ID")
+            or os.environ.get("GLOBUS_LOCAL_ENDPOINT")
+            or ""
+        ).strip()
+
+    max_rules = Integer(
+        900,
+        help="""Rules the service keeps at most on the collection. Globus allows
+        1000 per guest collection; beyond this cap new transfers that need a new
+        rule get 503 acl_capacity until tasks end and rules are freed.
+        """,
+    ).tag(config=True)
+
+    max_lifetime = Float(
+        7 * 24 * 3600.0,
+        help="""Seconds a rule may live, at most. Each rule is created with this
+        Globus expiration date, so it dies even if the service never runs again,
+        and a task still running after this long stops holding its rules.
+        """,
+    ).tag(config=True)
+
+    poll_interval = Float(
+        30.0,
+        help="Seconds between status checks of a freshly submitted task.",
+    ).tag(config=True)
+
+    max_poll_interval = Float(
+        600.0,
+        help="""Seconds between status checks of a task that has run for long;
+        checks back off from poll_interval towards this.
+        """,
+    ).tag(config=True)
+
+    pending_timeout = Float(
+        600.0,
+        help="""Seconds after which a submission that never reached Globus is
+        considered abandoned (its process died) and its rules are revoked.
+        """,
+    ).tag(config=True)
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        submitter: TransferSubmitter,
+        crypt: CryptKeeper,
+        **kwargs: t.Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.store = store
+        self.submitter = submitter
+        self.crypt = crypt
+        self.acl = CollectionACL(submitter, self.collection_id)
+        # one user's rule changes are serialised, so two of their transfers into
+        # the same directory share one rule instead of racing to create it
+        self._locks: collections.defaultdict[str, asyncio.Lock] = (
+            collections.defaultdict(asyncio.Lock)
+        )
+        # set whenever a task starts being tracked, to wake the reconciler
+        self.tracked = asyncio.Event()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.collection_id)
+
+    def lifetime(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.max_lifetime)
+
+    # ------------------------------------------------------------------
+    # opening access for one submission
+
+    async def open(
+        self,
+        hub_user: str,
+        globus_user: GlobusUser,
+        needs: list[AccessNeed],
+        label: str | None,
+    ) -> Hold:
+        """Make sure every need is met by a live rule held for this submission.
+
+        :raises ServiceError: 503 at the rule cap, 409 when a rule we do not own
+            blocks the need, or the Globus error that stopped a rule
+        """
+        identity = globus_user.identity_id
+        async with self._locks[identity]:
+            hold, intents, widen = self._plan(hub_user, identity, needs, label)
+            try:
+                for rule_id in intents:
+                    await self._create(rule_id)
+                for rule_id, permissions in widen:
+                    await self._widen(rule_id, permissions)
+            except BaseException:
+                await self._release_locked(identity, hold.submission_id)
+                raise
+        return hold
+
+    def _plan(
+        self,
+        hub_user: str,
+        identity: str,
+        needs: list[AccessNeed],
+        label: str | None,
+    ) -> tuple[Hold, list[int], list[tuple[int, str]]]:
+        """Commit the submission and its rule intents before any Globus call."""
+        now = utcnow()
+        with self.store.session() as db:
+            submission = Submission(
+                hub_user=hub_user,
+                identity_id=identity,
+                state="pending",
+                label=label,
+                created=now,
+            )
+            db.add(submission)
+            live = list(
+                db.scalars(
+                    select(Rule).where(
+                        Rule.collection_id == self.collection_id,
+                        Rule.identity_id == identity,
+                    )
+                )
+            )
+            intents: list[Rule] = []
+            widen: list[tuple[Rule, str]] = []
+            for need in needs:
+                rule = self._reusable(live, need, now)
+                if rule is None:
+                    rule = next((r for r in live if r.path == need.path), None)
+                    if rule is not None and rule.owned and not rule.globus_rule_id:
+                        # an intent left by a dead process: ask Globus again
+                        intents.append(rule)
+                    elif rule is not None and not rule.owned:
+                        raise ServiceError(
+                            409,
+                            "acl_conflict",
+                            f"An ACL rule not made by this service already gives "
+                            f"this Globus identity {rule.permissions!r} on "
+                            f"{need.path}; ask the collection's manager to widen "
+                            "or remove it.",
+                        )
+                if rule is None:
+                    if self._rule_count(db) + len(intents) >= self.max_rules:
+                        raise ServiceError(
+                            503,
+                            "acl_capacity",
+                            f"The hub collection holds the most temporary access "
+                            f"rules this service may keep ({self.max_rules}). "
+                            "Try again when running transfers have finished.",
+                            headers={"Retry-After": "300"},
+                        )
+                    rule = Rule(
+                        collection_id=self.collection_id,
+                        identity_id=identity,
+                        path=need.path,
+                        permissions=need.permissions,
+                        owned=True,
+                        created=now,
+                        expires=now + self.lifetime(),
+                    )
+                    db.add(rule)
+                    intents.append(rule)
+                    live.append(rule)
+                elif rule.globus_rule_id and self._needs_widening(rule, need, now):
+                    widen.append((rule, _union(rule.permissions, need.permissions)))
+                submission.rules.append(rule)
+            db.commit()
+            hold = Hold(submission.id, [r.id for r in submission.rules])
+            return hold, [r.id for r in intents], [(r.id, p) for r, p in widen]
+
+    def _reusable(
+        self, live: list[Rule], need: AccessNeed, now: datetime.datetime
+    ) -> Rule | None:
+        """A live rule on the need's directory or an ancestor, with enough access.
+
+        A rule we own qualifies even when it is too narrow or too close to
+        expiry, since we can widen it; a rule we do not own must already fit.
+        """
+        candidates = [
+            r
+            for r in live
+            if r.globus_rule_id
+            and need.path.startswith(r.path)
+            and (r.owned or covers(r.permissions, need.permissions))
+        ]
+        fitting = [r for r in candidates if covers(r.permissions, need.permissions)]
+        exact = [r for r in candidates if r.path == need.path and r.owned]
+        return (fitting or exact or [None])[0]
+
+    def _needs_widening(
+        self, rule: Rule, need: AccessNeed, now: datetime.datetime
+    ) -> bool:
+        if not rule.owned:
+            return False
+        too_narrow = not covers(rule.permissions, need.permissions)
+        too_short = rule.expires is None or rule.expires - now < self.lifetime() / 2
+        return too_narrow or too_short
+
+    def _rule_count(self, db: t.Any) -> int:
+        return db.scalar(
+            select(func.count(Rule.id)).where(Rule.collection_id == self.collection_id)
+        )
+
+    async def _create(self, rule_id: int) -> None:
+        """Ask Globus for one intended rule and record what it answers."""
+        with self.store.session() as db:
+            rule = db.get(Rule, rule_id)
+            assert rule is not None
+            identity, path, permissions = rule.identity_id, rule.path, rule.permissions
+            expires = rule.expires or utcnow() + self.lifetime()
+
+        globus_id, created, existing = await self.acl.add_rule(
+            identity, path, permissions, expires
+        )
+
+        with self.store.session() as db:
+            rule = db.get(Rule, rule_id)
+            assert rule is not None
+            rule.globus_rule_id = globus_id
+            if not created:
+                # Globus had it already: use it, never delete it
+                rule.owned = False
+                rule.permissions = str((existing or {}).get("permissions", permissions))
+                rule.expires = _parse_expiry((existing or {}).get("expiration_date"))
+            db.commit()
+        log.info(
+            "ACL rule %s %s: %s on %s for identity %s",
+            globus_id,
+            "created" if created else "already existed (reused, not ours)",
+            permissions,
+            path,
+            identity,
+        )
+        if not created and not covers(rule.permissions, permissions):
+            raise ServiceError(
+                409,
+                "acl_conflict",
+                f"An ACL rule not made by this service already gives this Globus "
+                f"identity {rule.permissions!r} on {path}; ask the collection's "
+                "manager to widen or remove it.",
+            )
+
+    async def _widen(self, rule_id: int, permissions: str) -> None:
+        """Widen a rule we own to ``permissions`` and a fresh expiry."""
+        with self.store.session() as db:
+            rule = db.get(Rule, rule_id)
+            assert rule is not None and rule.globus_rule_id
+            globus_id = rule.globus_rule_id
+        expires = utcnow() + self.lifetime()
+        await self.acl.update_rule(globus_id, permissions, expires)
+        with self.store.session() as db:
+            rule = db.get(Rule, rule_id)
+            assert rule is not None
+            rule.permissions = permissions
+            rule.expires = expires
+            db.commit()
+        log.info("ACL rule %s widened to %s until %s", globus_id, permissions, expires)
+
+    # ------------------------------------------------------------------
+    # after the submit
+
+    def confirm(self, hold: Hold, task_id: str, refresh_token: str | None) -> None:
+        """The transfer is running: track its task until it ends."""
+        now = utcnow()
+        with self.store.session() as db:
+            submission = db.get(Submission, hold.submission_id)
+            assert submission is not None
+            submission.state = "active"
+            submission.task_id = task_id
+            submission.task_status = "ACTIVE"
+            submission.next_check = now + datetime.timedelta(seconds=self.poll_interval)
+            if refresh_token:
+                self._keep_credential(db, submission.identity_id, refresh_token)
+            db.commit()
+        self.tracked.set()
+
+    def _keep_credential(self, db: t.Any, identity: str, refresh_token: str) -> None:
+        credential = db.get(Credential, identity)
+        if credential is None:
+            credential = Credential(identity_id=identity)
+            db.add(credential)
+        credential.refresh_token = self.crypt.encrypt(refresh_token)
+        credential.updated = utcnow()
+
+    async def abandon(self, hold: Hold) -> None:
+        """The submit failed: drop the submission and revoke what only it held."""
+        with self.store.session() as db:
+            submission = db.get(Submission, hold.submission_id)
+            identity = submission.identity_id if submission else None
+        if identity is None:
+            return
+        async with self._locks[identity]:
+            await self._release_locked(identity, hold.submission_id)
+
+    async def _release_locked(self, identity: str, submission_id: int) -> None:
+        with self.store.session() as db:
+            submission = db.get(Submission, submission_id)
+            if submission is not None:
+                db.delete(submission)
+                db.commit()
+        await self.revoke_unheld(identity)
+
+    # ------------------------------------------------------------------
+    # revocation
+
+    async def revoke_unheld(self, identity: str | None = None) -> int:
+        """Delete every rule no pending or active submission holds.
+
+        Must be called with the identity's lock held when ``identity`` is
+        given; without it, each identity's rules are handled under its lock.
+
+        :returns: how many rules were removed from the ledger
+        """
+        with self.store.session() as db:
+            query = select(Rule).where(Rule.collection_id == self.collection_id)
+            if identity is not None:
+                query = query.where(Rule.identity_id == identity)
+            orphans = [
+                (r.id, r.identity_id)
+                for r in db.scalars(query)
+                if not any(s.state in ("pending", "active") for s in r.holders)
+            ]
+
+        removed = 0
+        for rule_id, owner in orphans:
+            if identity is None:
+                async with self._locks[owner]:
+                    removed += await self._revoke(rule_id)
+            else:
+                removed += await self._revoke(rule_id)
+        return removed
+
+    async def _revoke(self, rule_id: int) -> int:
+        """Remove one rule from Globus (if ours) and from the ledger."""
+        with self.store.session() as db:
+            rule = db.get(Rule, rule_id)
+            if rule is None or any(
+                s.state in ("pending", "active") for s in rule.holders
+            ):
+                return 0
+            globus_id, owned = rule.globus_rule_id, rule.owned
+            identity, path, created = rule.identity_id, rule.path, rule.created
+
+        if owned and globus_id is None:
+            # an intent from a process that died mid-request: Globus may have
+            # made the rule without us learning its id
+            globus_id = await self._find_orphan(identity, path, created)
+        if owned and globus_id:
+            await self.acl.delete_rule(globus_id)
+            log.info(
+                "ACL rule %s revoked: %s for identity %s", globus_id, path, identity
+            )
+
+        with self.store.session() as db:
+            rule = db.get(Rule, rule_id)
+            if rule is not None:
+                db.delete(rule)
+                db.commit()
+        return 1
+
+    async def _find_orphan(
+        self, identity: str, path: str, created: datetime.datetime
+    ) -> str | None:
+        """The Globus rule an unfinished intent may have produced, if any.
+
+        A rule for the same identity and path created after our intent was
+        written can only be ours: an older one would have made Globus answer
+        ``Exists``, which we record before anything else.
+        """
+        existing = await self.acl.find_rule(identity, path)
+        if not existing:
+            return None
+        made = _parse_expiry(existing.get("create_time"))
+        slack = datetime.timedelta(seconds=5)
+        if made is not None and made + slack >= created:
+            return str(existing["id"])
+        log.warning(
+            "Not revoking ACL rule %s on %s: it predates our record of it",
+            existing.get("id"),
+            path,
+        )
+        return None
+
+    async def recover(self) -> None:
+        """At start: settle what a previous process left unfinished.
+
+        A submission still ``pending`` never got its task id recorded: its
+        process died between planning and confirming. Its rules are revoked (a
+        transfer that did reach Globus then fails for lack of access, which is
+        the safe way to fail), and intents are looked up at Globus and removed.
+        """
+        with self.store.session() as db:
+            pending = list(
+                db.scalars(select(Submission).where(Submission.state == "pending"))
+            )
+            for submission in pending:
+                db.delete(submission)
+            active = db.scalar(
+                select(func.count(Submission.id)).where(Submission.state == "active")
+            )
+            db.commit()
+        removed = await self.revoke_unheld()
+        log.info(
+            "Recovered the ledger: %d unfinished submission(s) dropped, %d rule(s) "
+            "revoked, %d running task(s) still tracked",
+            len(pending),
+            removed,
+            active,
+        )
+        if active:
+            self.tracked.set()
+
+    # ------------------------------------------------------------------
+    # views
+
+    def transfers_for(self, hub_user: str, limit: int, offset: int) -> dict:
+        with self.store.session() as db:
+            query = select(Submission).where(Submission.hub_user == hub_user)
+            total = db.scalar(select(func.count()).select_from(query.subquery()))
+            rows = db.scalars(
+                query.order_by(Submission.created.desc()).limit(limit).offset(offset)
+            )
+            items = [row.to_json() for row in rows]
+        return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+    def live_rules(self, limit: int, offset: int) -> dict:
+        with self.store.session() as db:
+            query = select(Rule).where(Rule.collection_id == self.collection_id)
+            total = db.scalar(select(func.count()).select_from(query.subquery()))
+            rows = db.scalars(query.order_by(Rule.id).limit(limit).offset(offset))
+            items = [row.to_json() for row in rows]
+        return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+def _union(held: str, needed: str) -> str:
+    return "rw" if "w" in held + needed else "r"
+
+
+def _parse_expiry(value: t.Any) -> datetime.datetime | None:
+    """Globus timestamps as naive UTC, or None."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(datetime.UTC).replace(tzinfo=None)
+    return parsed

@@ -1,0 +1,186 @@
+"""Which directories of the hub's collection a transfer needs, and may it have them.
+
+Pure decisions, no I/O: given the checked transfer document, the hub's guest
+collection and the hub user's name, work out the ACL rules the transfer needs
+(``r`` to read from the collection, ``rw`` to write to it) and refuse anything
+outside the user's own area before a single rule is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import re
+
+from traitlets import Unicode, validate
+from traitlets.config import Configurable
+
+from .model import TransferDocument
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class PolicyError(ValueError):
+    """A transfer the policy refuses.
+
+    :param status: 400 for a malformed path, 403 for a path outside the area
+    :param error: stable short code for the JSON answer
+    """
+
+    def __init__(self, status: int, error: str, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class AccessNeed:
+    """One directory (always ending in ``/``) and the permission it needs."""
+
+    path: str
+    permissions: str  # "r" or "rw"
+
+
+class AccessPolicy(Configurable):
+    """Where on the hub's collection each hub user may be granted access."""
+
+    path_template = Unicode(
+        "/{username}/",
+        help="""Directory of the hub collection a hub user may be granted access
+        to, with {username} standing for the hub user's name. Transfers touching
+        anything outside it are refused with 403 path_not_allowed. For a
+        collection rooted at /home with one directory per user, the default
+        /{username}/ fits.
+        """,
+    ).tag(config=True)
+
+    @validate("path_template")
+    def _check_template(self, proposal: dict) -> str:
+        value = proposal["value"]
+        if "{username}" not in value or not value.startswith("/"):
+            raise ValueError(
+                "AccessPolicy.path_template must be absolute and contain {username}"
+            )
+        return value
+
+    def user_root(self, username: str) -> str:
+        """The directory ``username`` may reach, normalised, ending in ``/``.
+
+        :raises PolicyError: for names that would escape the template (a name
+            with a slash, ``.`` or ``..``), which no hub should produce
+        """
+        if (
+            not username
+            or "/" in username
+            or username in (".", "..")
+            or (_CONTROL_CHARS.search(username))
+        ):
+            raise PolicyError(
+                403,
+                "path_not_allowed",
+                f"Hub user name {username!r} cannot be mapped to a directory.",
+            )
+        return _as_directory(self.path_template.format(username=username))
+
+    def needs(
+        self, document: TransferDocument, collection_id: str, username: str
+    ) -> list[AccessNeed]:
+        """The ACL rules a transfer needs on ``collection_id``, smallest set first.
+
+        An item needs its parent directory (a file) or itself (a recursive item
+        or a path ending in ``/``): read when the collection is the source,
+        read-write when it is the destination. Directories inside another needed
+        directory with at least the same permission are folded into it.
+
+        :raises PolicyError: for a malformed path (400) or one outside the
+            user's area (403)
+        """
+        wanted: dict[str, str] = {}
+        sides = [
+            ("source_path", "r", document.source_endpoint == collection_id),
+            ("destination_path", "rw", document.destination_endpoint == collection_id),
+        ]
+        root = self.user_root(username) if any(on for _, _, on in sides) else ""
+
+        for key, permissions, on_collection in sides:
+            if not on_collection:
+                continue
+            for index, item in enumerate(document.items):
+                field = f"transfer.DATA[{index}].{key}"
+                path = normalise_path(getattr(item, key), field)
+                directory = (
+                    path
+                    if item.recursive or path.endswith("/")
+                    else (_as_directory(posixpath.dirname(path)))
+                )
+                directory = _as_directory(directory)
+                if not directory.startswith(root):
+                    raise PolicyError(
+                        403,
+                        "path_not_allowed",
+                        f"{field} ({path}) is outside {root}, the only part of the "
+                        "hub collection this user may transfer to or from.",
+                        field,
+                    )
+                if wanted.get(directory) != "rw":
+                    wanted[directory] = permissions
+
+        return _fold(wanted)
+
+
+def normalise_path(path: str, field: str) -> str:
+    """Check a path on the hub collection and return it in canonical form.
+
+    Only absolute paths made of plain segments are accepted: no ``..`` or ``.``,
+    no empty segments, no ``~`` (which Globus would resolve against a home
+    directory we cannot see), no control characters.
+    """
+    if _CONTROL_CHARS.search(path):
+        raise PolicyError(
+            400, "invalid_path", f"{field} contains a control character.", field
+        )
+    if not path.startswith("/"):
+        raise PolicyError(
+            400,
+            "invalid_path",
+            f"{field} must be an absolute path on the hub collection (no '~', no "
+            "relative paths).",
+            field,
+        )
+    trailing = path.endswith("/") and path != "/"
+    segments = path.strip("/").split("/") if path != "/" else []
+    for segment in segments:
+        if segment in ("", ".", "..") or segment.startswith("~"):
+            raise PolicyError(
+                400,
+                "invalid_path",
+                f"{field} has an empty, '.', '..' or '~' segment.",
+                field,
+            )
+    canonical = "/" + "/".join(segments)
+    return canonical + "/" if trailing else canonical
+
+
+def _as_directory(path: str) -> str:
+    return path if path.endswith("/") else path + "/"
+
+
+def _fold(wanted: dict[str, str]) -> list[AccessNeed]:
+    """Drop directories already covered by a needed ancestor with enough access."""
+    kept: list[AccessNeed] = []
+    for path in sorted(wanted, key=len):
+        permissions = wanted[path]
+        covered = any(
+            path.startswith(parent.path) and covers(parent.permissions, permissions)
+            for parent in kept
+        )
+        if not covered:
+            kept.append(AccessNeed(path, permissions))
+    return sorted(kept)
+
+
+def covers(held: str, needed: str) -> bool:
+    """Whether a rule with ``held`` permissions serves a need for ``needed``."""
+    return held == "rw" or held == needed
