@@ -206,8 +206,8 @@ class HubTransferApp(Application):
         if self.access is not None:
             return
         assert self.submitter is not None
-        access_config = AccessManager(parent=self)
-        if not access_config.enabled:
+        access = AccessManager(parent=self, submitter=self.submitter)
+        if not access.enabled:
             return
         try:
             crypt = CryptKeeper()
@@ -219,9 +219,8 @@ class HubTransferApp(Application):
         except SchemaError as exc:
             raise StartupError(str(exc)) from None
         self.submitter.keep_refresh_tokens = True
-        self.access = AccessManager(
-            parent=self, store=self.store, submitter=self.submitter, crypt=crypt
-        )
+        access.store, access.crypt = self.store, crypt
+        self.access = access
         self.policy = AccessPolicy(parent=self)
         self.log.info(
             "ACL mode on: collection %s, user area %s, at most %d rules",

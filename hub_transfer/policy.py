@@ -12,7 +12,7 @@ import dataclasses
 import posixpath
 import re
 
-from traitlets import Unicode, validate
+from traitlets import TraitError, Unicode, validate
 from traitlets.config import Configurable
 
 from .model import TransferDocument
@@ -60,7 +60,7 @@ class AccessPolicy(Configurable):
     def _check_template(self, proposal: dict) -> str:
         value = proposal["value"]
         if "{username}" not in value or not value.startswith("/"):
-            raise ValueError(
+            raise TraitError(
                 "AccessPolicy.path_template must be absolute and contain {username}"
             )
         return value

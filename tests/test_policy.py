@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from traitlets import TraitError
 
 from hub_transfer.model import TransferDocument, TransferItem
 from hub_transfer.policy import AccessNeed, AccessPolicy, PolicyError, normalise_path
@@ -124,5 +125,5 @@ def test_user_names_that_would_escape_are_refused(name):
 
 
 def test_template_must_contain_username():
-    with pytest.raises(Exception):
+    with pytest.raises(TraitError):
         AccessPolicy(path_template="/shared/")

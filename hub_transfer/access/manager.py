@@ -24,7 +24,7 @@ import os
 import typing as t
 
 from sqlalchemy import func, select
-from traitlets import Float, Integer, Unicode, default
+from traitlets import Float, Instance, Integer, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from ..errors import ServiceError
@@ -104,19 +104,12 @@ class AccessManager(LoggingConfigurable):
         """,
     ).tag(config=True)
 
-    def __init__(
-        self,
-        *,
-        store: Store,
-        submitter: TransferSubmitter,
-        crypt: CryptKeeper,
-        **kwargs: t.Any,
-    ) -> None:
+    store = Instance(Store, allow_none=True, help="The ledger (set by the app).")
+    submitter = Instance(TransferSubmitter, allow_none=True)
+    crypt = Instance(CryptKeeper, allow_none=True)
+
+    def __init__(self, **kwargs: t.Any) -> None:
         super().__init__(**kwargs)
-        self.store = store
-        self.submitter = submitter
-        self.crypt = crypt
-        self.acl = CollectionACL(submitter, self.collection_id)
         # one user's rule changes are serialised, so two of their transfers into
         # the same directory share one rule instead of racing to create it
         self._locks: collections.defaultdict[str, asyncio.Lock] = (
@@ -124,6 +117,14 @@ class AccessManager(LoggingConfigurable):
         )
         # set whenever a task starts being tracked, to wake the reconciler
         self.tracked = asyncio.Event()
+        self._acl: CollectionACL | None = None
+
+    @property
+    def acl(self) -> CollectionACL:
+        if self._acl is None:
+            assert self.submitter is not None
+            self._acl = CollectionACL(self.submitter, self.collection_id)
+        return self._acl
 
     @property
     def enabled(self) -> bool:
