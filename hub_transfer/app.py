@@ -29,8 +29,10 @@ from .auth import OAuthCallbackHandler, ServiceHubAuth
 from .errors import ServiceError
 from .globus import TransferSubmitter
 from .handlers import default_handlers
+from .limits import UserLimits
 from .log import init_logging, log_request
-from .policy import AccessPolicy
+from .metrics import Metrics
+from .policy import AccessPolicy, IdentityBinding
 from .store import CryptKeeper, CryptKeyError, Store
 from .store.db import SchemaError
 
@@ -47,7 +49,13 @@ class HubTransferApp(Application):
     description = """Submit Globus transfers for the Globus JupyterLab extension,
     as a JupyterHub-managed service."""
 
-    classes = [TransferSubmitter, AccessManager, AccessPolicy]
+    classes = [
+        TransferSubmitter,
+        AccessManager,
+        AccessPolicy,
+        IdentityBinding,
+        UserLimits,
+    ]
 
     aliases = {
         "config": "HubTransferApp.config_file",
@@ -145,12 +153,42 @@ class HubTransferApp(Application):
     def _db_url_from_env(self) -> str:
         return os.environ.get("HUB_TRANSFER_DB_URL", "sqlite:///hub_transfer.sqlite")
 
+    request_timeout = Float(
+        20.0,
+        help="""Seconds a submission may take in all, Globus calls included, before
+        the caller gets 504. The JupyterLab extension waits for us without a
+        timeout, blocking the user's server meanwhile, so keep this short.
+        """,
+    ).tag(config=True)
+
+    metrics_token = Unicode(
+        help="""Bearer token that may read {prefix}metrics without a hub login
+        (for a Prometheus scraper). Hub admins may always read it. Default:
+        HUB_TRANSFER_METRICS_TOKEN; empty means hub admins only.
+        """
+    ).tag(config=True)
+
+    @default("metrics_token")
+    def _metrics_token_from_env(self) -> str:
+        return os.environ.get("HUB_TRANSFER_METRICS_TOKEN", "").strip()
+
+    allow_origin = Unicode(
+        "",
+        help="""Origin allowed to call the API from a browser (CORS). Empty, the
+        default, sends no CORS headers: the JupyterLab extension calls from its
+        server, not from the browser, and needs none.
+        """,
+    ).tag(config=True)
+
     hub_auth = Instance(HubOAuth, allow_none=True)
     submitter = Instance(TransferSubmitter, allow_none=True)
     access = Instance(AccessManager, allow_none=True)
     policy = Instance(AccessPolicy, allow_none=True)
     store = Instance(Store, allow_none=True)
     reconciler = Instance(Reconciler, allow_none=True)
+    limits = Instance(UserLimits, allow_none=True)
+    binding = Instance(IdentityBinding, allow_none=True)
+    metrics = Instance(Metrics, allow_none=True)
 
     # built by init_tornado / start
     tornado_app = Instance(web.Application, allow_none=True)
@@ -200,6 +238,13 @@ class HubTransferApp(Application):
     def init_submitter(self) -> None:
         if self.submitter is None:
             self.submitter = TransferSubmitter(parent=self, log=self.log)
+        if self.metrics is None:
+            self.metrics = Metrics()
+        self.submitter.metrics = self.metrics
+        if self.limits is None:
+            self.limits = UserLimits(parent=self)
+        if self.binding is None:
+            self.binding = IdentityBinding(parent=self)
 
     def init_access(self) -> None:
         """Set up ACL mode when a collection is configured; otherwise stay off."""
@@ -265,6 +310,11 @@ class HubTransferApp(Application):
             "access": self.access,
             "policy": self.policy,
             "test_pause": _test_pause_from_env(),
+            "limits": self.limits,
+            "binding": self.binding,
+            "request_timeout": self.request_timeout,
+            "metrics": self.metrics,
+            "metrics_token": self.metrics_token,
         }
         routes: list[t.Any] = [
             (self.route(path) + r"/?" if path else self.route(path), handler, kwargs)
@@ -279,6 +329,8 @@ class HubTransferApp(Application):
             # the proxy in front of us sets X-Forwarded-For
             xheaders=True,
             in_flight=self.handlers_in_flight,
+            metrics=self.metrics,
+            allow_origin=self.allow_origin,
         )
 
     # ------------------------------------------------------------------

@@ -53,8 +53,14 @@ def init_logging(log: logging.Logger, level: int) -> None:
         # keep it at WARNING unless the admin asks for debug everywhere
         other.setLevel(level if name != "globus_sdk" else max(level, logging.WARNING))
 
-    for tornado_log in (access_log, app_log, gen_log):
-        tornado_log.name = f"{log.name}.{tornado_log.name.split('.')[-1]}"
+    # tornado's own loggers, renamed so a line says it comes from us; "requests"
+    # rather than "access" so it does not read as our ACL module
+    for tornado_log, suffix in (
+        (access_log, "requests"),
+        (app_log, "tornado"),
+        (gen_log, "tornado.general"),
+    ):
+        tornado_log.name = f"{log.name}.{suffix}"
 
 
 def log_request(handler: RequestHandler) -> None:
@@ -78,6 +84,12 @@ def log_request(handler: RequestHandler) -> None:
         level = logging.ERROR
     if elapsed_ms >= 1000 and level < logging.INFO:
         level = logging.INFO
+
+    metrics = handler.settings.get("metrics")
+    if metrics is not None:
+        metrics.observe_request(
+            type(handler).__name__, request.method or "", status, elapsed_ms / 1000
+        )
 
     user = getattr(handler, "hub_user_name", "") or ""
     outcome = getattr(handler, "log_outcome", "")

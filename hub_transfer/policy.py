@@ -12,10 +12,10 @@ import dataclasses
 import posixpath
 import re
 
-from traitlets import TraitError, Unicode, validate
+from traitlets import Callable, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
-from .model import TransferDocument
+from .model import GlobusUser, TransferDocument
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -184,3 +184,55 @@ def _fold(wanted: dict[str, str]) -> list[AccessNeed]:
 def covers(held: str, needed: str) -> bool:
     """Whether a rule with ``held`` permissions serves a need for ``needed``."""
     return held == "rw" or held == needed
+
+
+class IdentityBinding(Configurable):
+    """Optionally tie each hub user to one Globus identity.
+
+    Off by default: the hub vouches for the hub user, Globus for the Globus
+    identity, and a user may link whatever Globus account they like. Sites
+    where both come from the same campus login can insist that they match, so a
+    leaked Globus token cannot be used from another hub account.
+    """
+
+    globus_username_template = Unicode(
+        "",
+        help="""When set, the Globus username behind the token must equal this
+        template with {username} replaced by the hub user's name, compared
+        without regard to case; e.g. {username}@uchicago.edu. Otherwise: 403
+        identity_mismatch. Empty (the default) accepts any Globus identity.
+        """,
+    ).tag(config=True)
+
+    check = Callable(
+        None,
+        allow_none=True,
+        help="""A function (hub_user_model, globus_username, identity_ids) -> bool
+        deciding whether the Globus identity may act for the hub user. Takes
+        precedence over globus_username_template. Must not do I/O.
+        """,
+    ).tag(config=True)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.check or self.globus_username_template)
+
+    def verify(self, hub_user: dict, globus_user: GlobusUser) -> None:
+        """:raises PolicyError: 403 identity_mismatch when the binding fails"""
+        if not self.enabled:
+            return
+        if self.check is not None:
+            allowed = bool(
+                self.check(hub_user, globus_user.username, globus_user.identity_set)
+            )
+        else:
+            expected = self.globus_username_template.format(username=hub_user["name"])
+            allowed = globus_user.username.casefold() == expected.casefold()
+        if not allowed:
+            raise PolicyError(
+                403,
+                "identity_mismatch",
+                f"The Globus identity {globus_user.username!r} may not be used by "
+                f"hub user {hub_user['name']!r} on this hub. Log in to Globus from "
+                "JupyterLab with your own institutional account.",
+            )

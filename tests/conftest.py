@@ -128,6 +128,7 @@ def hub_app(fake_hub_auth, submitter) -> HubTransferApp:
     app = HubTransferApp(
         hub_auth=fake_hub_auth, submitter=submitter, service_prefix=PREFIX
     )
+    app.init_submitter()
     app.init_tornado()
     return app
 
@@ -166,7 +167,8 @@ class Api:
             raise_error=False,
             follow_redirects=False,
         )
-        data = json.loads(response.body) if response.body else None
+        is_json = "json" in response.headers.get("Content-Type", "")
+        data = json.loads(response.body) if response.body and is_json else None
         return response.code, data, response
 
     async def submit(self, body: t.Any = None, **kwargs: t.Any):

@@ -41,6 +41,7 @@ def hub_app(fake_hub_auth, real_submitter, tmp_path, globus):
         service_prefix="/services/hub-transfer/",
         db_url=f"sqlite:///{tmp_path / 'ledger.sqlite'}",
     )
+    app.init_submitter()
     app.init_access()
     app.init_tornado()
     yield app
@@ -143,13 +144,16 @@ async def test_two_transfers_share_one_rule(api, globus, hub_app, reconciler):
     assert globus.rules() == []
 
 
-async def test_concurrent_transfers_into_one_directory_make_one_rule(api, globus):
+async def test_concurrent_transfers_into_one_directory_make_one_rule(
+    api, globus, hub_app
+):
+    hub_app.limits.max_concurrent = 8
     token = globus.user_token("alice")
     answers = await asyncio.gather(
-        *(api.submit(with_token(into(f"/alice/same/{i}"), token)) for i in range(5))
+        *(api.submit(with_token(into(f"/alice/same/{i}"), token)) for i in range(8))
     )
 
-    assert [a[0] for a in answers] == [201] * 5
+    assert [a[0] for a in answers] == [201] * 8
     assert len(globus.rules()) == 1
 
 

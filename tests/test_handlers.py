@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -54,7 +55,9 @@ async def test_hub_identity_is_required(api, submitter, token, status, error):
 
 async def test_token_scheme_is_accepted_too(api):
     status, body, _ = await api.submit(
-        transfer_body(), token=None, headers={"Authorization": "token alice-server-token"}
+        transfer_body(),
+        token=None,
+        headers={"Authorization": "token alice-server-token"},
     )
     assert status == 201, body
 
@@ -259,3 +262,122 @@ async def test_unknown_route_and_method_are_json(api):
     status, body, _ = await api.request("DELETE", "api/transfers")
     assert status == 405
     assert body["error"] == "method_not_allowed"
+
+
+async def test_per_user_concurrency_limit_is_429(api, hub_app, submitter):
+    hub_app.limits.max_concurrent = 1
+    release = asyncio.Event()
+    original = submitter.submit
+
+    async def slow(*args):
+        await release.wait()
+        return await original(*args)
+
+    submitter.submit = slow
+    first = asyncio.ensure_future(api.submit(transfer_body()))
+    await asyncio.sleep(0.1)
+    status, body, response = await api.submit(transfer_body())
+    release.set()
+
+    assert status == 429
+    assert body["error"] == "too_many_concurrent"
+    assert response.headers["Retry-After"] == "1"
+    assert (await first)[0] == 201
+
+
+async def test_per_user_rate_limit_is_429(api, hub_app):
+    hub_app.limits.per_minute = 2
+    assert (await api.submit(transfer_body()))[0] == 201
+    assert (await api.submit(transfer_body()))[0] == 201
+    status, body, response = await api.submit(transfer_body())
+
+    assert status == 429
+    assert body["error"] == "rate_limited"
+    assert int(response.headers["Retry-After"]) >= 1
+
+
+async def test_deadline_gives_504(api, hub_app, submitter):
+    # the app is built: change the kwarg its routes hand to handlers
+    for rule in hub_app.tornado_app.wildcard_router.rules:
+        if "request_timeout" in (rule.target_kwargs or {}):
+            rule.target_kwargs["request_timeout"] = 0.2
+
+    async def hang(*args):
+        await asyncio.sleep(5)
+
+    submitter.submit = hang
+    status, body, _ = await api.submit(transfer_body())
+
+    assert status == 504
+    assert body["error"] == "deadline_exceeded"
+
+
+@pytest.mark.parametrize(
+    "template, allowed",
+    [("", True), ("{username}@example.org", False), ("ALICE@example.org", True)],
+)
+async def test_identity_binding(api, hub_app, submitter, template, allowed):
+    # the fake submitter's Globus user is alice@example.org; the hub user alice
+    hub_app.binding.globus_username_template = template.replace("ALICE", "{username}")
+    if template == "{username}@example.org":
+        hub_app.binding.globus_username_template = "{username}@other.org"
+    status, body, _ = await api.submit(transfer_body())
+
+    if allowed:
+        assert status == 201, body
+    else:
+        assert status == 403
+        assert body["error"] == "identity_mismatch"
+        assert submitter.submitted == []
+
+
+async def test_identity_binding_callable(api, hub_app):
+    seen = []
+
+    def check(hub_user, globus_username, identity_ids):
+        seen.append((hub_user["name"], globus_username, identity_ids))
+        return False
+
+    hub_app.binding.check = check
+    status, body, _ = await api.submit(transfer_body())
+
+    assert status == 403
+    assert seen[0][:2] == ("alice", "alice@example.org")
+
+
+async def test_metrics_for_admins_and_token_only(api, hub_app, hub_users):
+    hub_users["admin-token"] = {
+        "kind": "user",
+        "name": "root",
+        "admin": True,
+        "groups": [],
+        "scopes": ["access:services!service=hub-transfer"],
+    }
+    await api.submit(transfer_body())
+
+    status, body, _ = await api.request("GET", "metrics")
+    assert status == 403
+
+    status, _, response = await api.request("GET", "metrics", token="admin-token")
+    assert status == 200
+    text = response.body.decode()
+    assert 'hub_transfer_requests_total{method="POST"' in text
+    assert "hub_transfer_cache_events" in text
+
+
+async def test_metrics_token(api, hub_app):
+    for rule in hub_app.tornado_app.wildcard_router.rules:
+        if "metrics_token" in (rule.target_kwargs or {}):
+            rule.target_kwargs["metrics_token"] = "scrape-me"
+    response = (await api.request("GET", "metrics", token="scrape-me"))[2]
+    assert response.code == 200
+    response = (await api.request("GET", "metrics", token="scrape-you"))[2]
+    assert response.code == 401
+
+
+async def test_cors_is_closed_by_default(api):
+    status, _, response = await api.submit(
+        transfer_body(), headers={"Origin": "https://evil.example"}
+    )
+    assert status == 201
+    assert "Access-Control-Allow-Origin" not in response.headers

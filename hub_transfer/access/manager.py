@@ -118,6 +118,7 @@ class AccessManager(LoggingConfigurable):
         # set whenever a task starts being tracked, to wake the reconciler
         self.tracked = asyncio.Event()
         self._acl: CollectionACL | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def acl(self) -> CollectionACL:
@@ -358,6 +359,16 @@ class AccessManager(LoggingConfigurable):
         async with self._locks[identity]:
             await self._release_locked(identity, hold.submission_id)
 
+    def abandon_later(self, hold: Hold) -> None:
+        """Abandon in the background, for a request that must answer now.
+
+        If the process dies first, the pending submission is settled by
+        :meth:`recover` at the next start.
+        """
+        task = asyncio.get_running_loop().create_task(self.abandon(hold))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _release_locked(self, identity: str, submission_id: int) -> None:
         with self.store.session() as db:
             submission = db.get(Submission, submission_id)
@@ -488,6 +499,15 @@ class AccessManager(LoggingConfigurable):
             )
             items = [row.to_json() for row in rows]
         return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+    def counts(self) -> tuple[int, int]:
+        """(tasks holding rules, rules tracked), for metrics."""
+        with self.store.session() as db:
+            tasks = db.scalar(
+                select(func.count(Submission.id)).where(Submission.state == "active")
+            )
+            rules = db.scalar(select(func.count(Rule.id)))
+        return int(tasks or 0), int(rules or 0)
 
     def live_rules(self, limit: int, offset: int) -> dict:
         with self.store.session() as db:

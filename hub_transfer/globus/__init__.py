@@ -4,8 +4,8 @@ Every globus-sdk call is synchronous; the classes here run them in a bounded
 thread pool so the event loop keeps serving other users while Globus answers.
 """
 
+from ..model import GlobusUser
 from .collection import CollectionACL
-from .identity import GlobusUser
 from .submitter import TransferSubmitter, UserCredential
 
 __all__ = ["CollectionACL", "GlobusUser", "TransferSubmitter", "UserCredential"]

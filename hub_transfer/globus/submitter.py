@@ -29,10 +29,10 @@ from traitlets.config import LoggingConfigurable
 
 from ..errors import ServiceError
 from ..log import token_hash
-from ..model import TransferDocument
+from ..metrics import Metrics
+from ..model import GlobusUser, TransferDocument
 from .cache import ExpiringLRU
 from .errors import from_globus_error
-from .identity import GlobusUser
 
 T = t.TypeVar("T")
 
@@ -166,6 +166,8 @@ class TransferSubmitter(LoggingConfigurable):
         )
         self.polling_tokens: ExpiringLRU[str, str] = ExpiringLRU(self.cache_size)
         self._service_client: globus_sdk.TransferClient | None = None
+        self.metrics: Metrics | None = None
+        self.in_flight = 0
         self._transport = self._make_transport()
 
     # ------------------------------------------------------------------
@@ -235,12 +237,38 @@ class TransferSubmitter(LoggingConfigurable):
         :raises ServiceError: for every Globus or network failure
         """
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        outcome = "ok"
+        self.in_flight += 1
         try:
             return await loop.run_in_executor(
                 self._executor, functools.partial(fn, *args, **kwargs)
             )
         except globus_sdk.GlobusError as exc:
-            raise from_globus_error(exc, operation) from None
+            error = from_globus_error(exc, operation)
+            outcome = error.details.get("globus_code") or error.error
+            raise error from None
+        except ServiceError as exc:
+            outcome = exc.error
+            raise
+        finally:
+            self.in_flight -= 1
+            if self.metrics is not None:
+                self.metrics.observe_call(
+                    operation, str(outcome), time.perf_counter() - started
+                )
+
+    @property
+    def queue_depth(self) -> int:
+        """Globus calls waiting for a free worker thread."""
+        return max(0, self.in_flight - self.max_workers)
+
+    def caches(self) -> dict[str, ExpiringLRU[t.Any, t.Any]]:
+        return {
+            "introspection": self.introspections,
+            "transfer_token": self.transfer_tokens,
+            "polling_token": self.polling_tokens,
+        }
 
     # ------------------------------------------------------------------
     # the user's Globus token

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from tornado import web
 
-from . import info, transfers
+from . import info, metrics, transfers
 
 default_handlers: list[tuple[str, type[web.RequestHandler]]] = [
     *info.default_handlers,
     *transfers.default_handlers,
+    *metrics.default_handlers,
 ]

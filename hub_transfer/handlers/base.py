@@ -35,6 +35,9 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
             in_flight.add(self)
 
     async def prepare(self) -> None:
+        if self.request.method == "OPTIONS":
+            self._hub_auth_user_cache = None
+            return
         await self.identify_hub_user()
 
     async def identify_hub_user(self) -> None:
@@ -96,6 +99,21 @@ class APIHandler(BaseHandler):
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
+
+        # CORS only for the one origin an admin opened; none by default
+        allowed = self.settings.get("allow_origin")
+        if allowed and self.request.headers.get("Origin") == allowed:
+            self.set_header("Access-Control-Allow-Origin", allowed)
+            self.set_header(
+                "Access-Control-Allow-Headers", "Authorization, Content-Type"
+            )
+            self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.set_header("Vary", "Origin")
+
+    async def options(self, *args: t.Any) -> None:
+        """CORS preflight: answered without auth, useful only for an opened origin."""
+        self.set_status(204)
+        self.finish()
 
     def check_xsrf_cookie(self) -> None:
         # HubOAuth checks XSRF itself for cookie-authenticated requests (and then

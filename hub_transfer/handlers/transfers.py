@@ -15,11 +15,13 @@ from tornado import web
 from ..access import AccessManager
 from ..errors import ServiceError
 from ..globus import GlobusUser, TransferSubmitter, UserCredential
+from ..limits import UserLimits
 from ..model import DocumentError, SubmitRequest, parse_submit_body
-from ..policy import AccessNeed, AccessPolicy, PolicyError
+from ..policy import AccessNeed, AccessPolicy, IdentityBinding, PolicyError
 from .base import APIHandler
 
 log = logging.getLogger(__name__)
+T = t.TypeVar("T")
 
 
 @web.stream_request_body
@@ -40,6 +42,9 @@ class TransfersHandler(APIHandler):
         access: AccessManager | None = None,
         policy: AccessPolicy | None = None,
         test_pause: tuple[str, float] | None = None,
+        limits: UserLimits | None = None,
+        binding: IdentityBinding | None = None,
+        request_timeout: float = 20.0,
         **kwargs: t.Any,
     ) -> None:
         super().initialize(hub_auth, **kwargs)
@@ -48,6 +53,9 @@ class TransfersHandler(APIHandler):
         self.access = access
         self.policy = policy
         self.test_pause = test_pause
+        self.limits = limits or UserLimits()
+        self.binding = binding or IdentityBinding()
+        self.request_timeout = request_timeout
         self._chunks: list[bytes] = []
         self._received = 0
 
@@ -97,12 +105,18 @@ class TransfersHandler(APIHandler):
 
     def plan_access(self, request: SubmitRequest, username: str) -> list[AccessNeed]:
         """The rules this transfer needs on the hub collection; none off ACL mode."""
-        if self.access is None or self.policy is None:
+        access, policy = self.access, self.policy
+        if access is None or policy is None:
             return []
+        return self.check(
+            lambda: policy.needs(request.transfer, access.collection_id, username)
+        )
+
+    @staticmethod
+    def check(decide: t.Callable[[], T]) -> T:
+        """Run a policy decision, turning a refusal into the JSON error."""
         try:
-            return self.policy.needs(
-                request.transfer, self.access.collection_id, username
-            )
+            return decide()
         except PolicyError as exc:
             raise ServiceError(
                 exc.status, exc.error, exc.message, field=exc.field or None
@@ -162,6 +176,11 @@ class TransfersHandler(APIHandler):
                     globus_code=result.get("code"),
                     request_id=result.get("request_id"),
                 )
+        except asyncio.CancelledError:
+            # the deadline passed: answer now, revoke in the background
+            if hold is not None and access is not None:
+                access.abandon_later(hold)
+            raise
         except BaseException:
             if hold is not None and access is not None:
                 await access.abandon(hold)
@@ -178,7 +197,31 @@ class TransfersHandler(APIHandler):
         # 2. is the body sound?
         request = self.parse_body()
 
-        # 3. whose Globus token is it?
+        # 3. within the user's limits and the deadline, do the Globus part
+        with self.limits.slot(hub_user["name"]):
+            answer = await self.within_deadline(self.submit_for(hub_user, request))
+
+        # 4. answer: the extension needs task_id and treats any 2xx as success
+        self.write_json(answer, status=201)
+
+    async def within_deadline(self, work: t.Awaitable[T]) -> T:
+        """Bound a submission's total time: the caller must always get an answer."""
+        try:
+            return await asyncio.wait_for(work, self.request_timeout)
+        except TimeoutError:
+            raise ServiceError(
+                504,
+                "deadline_exceeded",
+                f"Globus did not complete the submission within "
+                f"{self.request_timeout:g} s. Check the Globus web app before "
+                "trying again: the transfer may have started.",
+            ) from None
+
+    async def submit_for(
+        self, hub_user: dict[str, t.Any], request: SubmitRequest
+    ) -> dict[str, t.Any]:
+        """The Globus side of a submission, step by step; returns the answer."""
+        # whose Globus token is it, and may this hub user use it?
         token = request.globus_token
         if not token:
             raise ServiceError(
@@ -189,18 +232,20 @@ class TransfersHandler(APIHandler):
                 "server so the extension sends it.",
             )
         globus_user = await self.submitter.authenticate(token)
+        self.check(lambda: self.binding.verify(hub_user, globus_user))
 
-        # 4. may they touch these paths of the hub collection? (ACL mode)
+        # may they touch these paths of the hub collection? (ACL mode)
         needs = self.plan_access(request, hub_user["name"])
+
+        # act as the user: a Transfer token from the dependent grant
         credential = await self.submitter.user_credential(token, globus_user)
 
-        # 5. open access (ACL mode), submit as the user, track the task
+        # open access (ACL mode), submit, track the task until it ends
         result = await self.submit_with_access(
             hub_user["name"], globus_user, credential, needs, request
         )
-        task_id = result["task_id"]
 
-        # 6. answer: the extension needs task_id and treats any 2xx as success
+        task_id = result["task_id"]
         self.log_outcome = (
             f"task_id={task_id} items={len(request.transfer.items)} "
             f"globus_identity={globus_user.identity_id}"
@@ -212,16 +257,13 @@ class TransfersHandler(APIHandler):
             globus_user.username or globus_user.identity_id,
             len(request.transfer.items),
         )
-        self.write_json(
-            {
-                "task_id": task_id,
-                "submission_id": result.get("submission_id"),
-                "code": result.get("code"),
-                "message": result.get("message"),
-                "request_id": result.get("request_id"),
-            },
-            status=201,
-        )
+        return {
+            "task_id": task_id,
+            "submission_id": result.get("submission_id"),
+            "code": result.get("code"),
+            "message": result.get("message"),
+            "request_id": result.get("request_id"),
+        }
 
 
 class RulesHandler(APIHandler):
