@@ -74,11 +74,15 @@ class HubTransferApp(Application):
     }
 
     config_file = Unicode(
-        "hub_transfer_config.py",
-        help="""Python config file to load. The default is read only when it
-        exists in the working directory; a file named with --config must exist.
+        help="""Python config file to load. Default: HUB_TRANSFER_CONFIG_FILE,
+        else hub_transfer_config.py in the working directory, read only when it
+        exists. A file named with --config or the variable must exist.
         """,
     ).tag(config=True)
+
+    @default("config_file")
+    def _config_file_default(self) -> str:
+        return os.environ.get("HUB_TRANSFER_CONFIG_FILE", "hub_transfer_config.py")
 
     generate_config = Bool(
         False, help="Print a config file with every option, then exit."
@@ -225,7 +229,9 @@ class HubTransferApp(Application):
 
     def load_config(self) -> None:
         """Load the config file; only a file the admin named must exist."""
-        named = "config_file" in self.config.get("HubTransferApp", {})
+        named = "config_file" in self.config.get("HubTransferApp", {}) or bool(
+            os.environ.get("HUB_TRANSFER_CONFIG_FILE")
+        )
         if os.path.exists(self.config_file):
             self.load_config_file(self.config_file)
         elif named:
