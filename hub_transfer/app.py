@@ -221,7 +221,7 @@ class HubTransferApp(Application):
         if self.generate_config:
             return
         self.load_config()
-        init_logging(self.log, self.log_level)
+        init_logging(self.log, int(self.log_level))  # type: ignore[call-overload]
         self.init_hub_auth()
         self.init_submitter()
         self.init_access()

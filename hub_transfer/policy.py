@@ -215,7 +215,7 @@ class IdentityBinding(Configurable):
 
     @property
     def enabled(self) -> bool:
-        return bool(self.check or self.globus_username_template)
+        return self.check is not None or bool(self.globus_username_template)
 
     def verify(self, hub_user: dict, globus_user: GlobusUser) -> None:
         """:raises PolicyError: 403 identity_mismatch when the binding fails"""

@@ -104,9 +104,25 @@ class AccessManager(LoggingConfigurable):
         """,
     ).tag(config=True)
 
-    store = Instance(Store, allow_none=True, help="The ledger (set by the app).")
+    # collaborators, set by the application once ACL mode is known to be on
+    store = Instance(Store, allow_none=True)
     submitter = Instance(TransferSubmitter, allow_none=True)
     crypt = Instance(CryptKeeper, allow_none=True)
+
+    @property
+    def ledger(self) -> Store:
+        assert self.store is not None, "ACL mode needs a store"
+        return self.store
+
+    @property
+    def globus(self) -> TransferSubmitter:
+        assert self.submitter is not None, "ACL mode needs a submitter"
+        return self.submitter
+
+    @property
+    def keeper(self) -> CryptKeeper:
+        assert self.crypt is not None, "ACL mode needs an encryption key"
+        return self.crypt
 
     def __init__(self, **kwargs: t.Any) -> None:
         super().__init__(**kwargs)
@@ -123,8 +139,7 @@ class AccessManager(LoggingConfigurable):
     @property
     def acl(self) -> CollectionACL:
         if self._acl is None:
-            assert self.submitter is not None
-            self._acl = CollectionACL(self.submitter, self.collection_id)
+            self._acl = CollectionACL(self.globus, self.collection_id)
         return self._acl
 
     @property
@@ -171,7 +186,7 @@ class AccessManager(LoggingConfigurable):
     ) -> tuple[Hold, list[int], list[tuple[int, str]]]:
         """Commit the submission and its rule intents before any Globus call."""
         now = utcnow()
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             submission = Submission(
                 hub_user=hub_user,
                 identity_id=identity,
@@ -252,7 +267,7 @@ class AccessManager(LoggingConfigurable):
         ]
         fitting = [r for r in candidates if covers(r.permissions, need.permissions)]
         exact = [r for r in candidates if r.path == need.path and r.owned]
-        return (fitting or exact or [None])[0]
+        return (fitting or exact or [None])[0]  # type: ignore[list-item]
 
     def _needs_widening(
         self, rule: Rule, need: AccessNeed, now: datetime.datetime
@@ -270,7 +285,7 @@ class AccessManager(LoggingConfigurable):
 
     async def _create(self, rule_id: int) -> None:
         """Ask Globus for one intended rule and record what it answers."""
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             rule = db.get(Rule, rule_id)
             assert rule is not None
             identity, path, permissions = rule.identity_id, rule.path, rule.permissions
@@ -280,7 +295,7 @@ class AccessManager(LoggingConfigurable):
             identity, path, permissions, expires
         )
 
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             rule = db.get(Rule, rule_id)
             assert rule is not None
             rule.globus_rule_id = globus_id
@@ -309,13 +324,13 @@ class AccessManager(LoggingConfigurable):
 
     async def _widen(self, rule_id: int, permissions: str) -> None:
         """Widen a rule we own to ``permissions`` and a fresh expiry."""
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             rule = db.get(Rule, rule_id)
             assert rule is not None and rule.globus_rule_id
             globus_id = rule.globus_rule_id
         expires = utcnow() + self.lifetime()
         await self.acl.update_rule(globus_id, permissions, expires)
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             rule = db.get(Rule, rule_id)
             assert rule is not None
             rule.permissions = permissions
@@ -329,7 +344,7 @@ class AccessManager(LoggingConfigurable):
     def confirm(self, hold: Hold, task_id: str, refresh_token: str | None) -> None:
         """The transfer is running: track its task until it ends."""
         now = utcnow()
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             submission = db.get(Submission, hold.submission_id)
             assert submission is not None
             submission.state = "active"
@@ -346,12 +361,12 @@ class AccessManager(LoggingConfigurable):
         if credential is None:
             credential = Credential(identity_id=identity)
             db.add(credential)
-        credential.refresh_token = self.crypt.encrypt(refresh_token)
+        credential.refresh_token = self.keeper.encrypt(refresh_token)
         credential.updated = utcnow()
 
     async def abandon(self, hold: Hold) -> None:
         """The submit failed: drop the submission and revoke what only it held."""
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             submission = db.get(Submission, hold.submission_id)
             identity = submission.identity_id if submission else None
         if identity is None:
@@ -370,7 +385,7 @@ class AccessManager(LoggingConfigurable):
         task.add_done_callback(self._background.discard)
 
     async def _release_locked(self, identity: str, submission_id: int) -> None:
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             submission = db.get(Submission, submission_id)
             if submission is not None:
                 db.delete(submission)
@@ -388,7 +403,7 @@ class AccessManager(LoggingConfigurable):
 
         :returns: how many rules were removed from the ledger
         """
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             query = select(Rule).where(Rule.collection_id == self.collection_id)
             if identity is not None:
                 query = query.where(Rule.identity_id == identity)
@@ -409,7 +424,7 @@ class AccessManager(LoggingConfigurable):
 
     async def _revoke(self, rule_id: int) -> int:
         """Remove one rule from Globus (if ours) and from the ledger."""
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             rule = db.get(Rule, rule_id)
             if rule is None or any(
                 s.state in ("pending", "active") for s in rule.holders
@@ -428,7 +443,7 @@ class AccessManager(LoggingConfigurable):
                 "ACL rule %s revoked: %s for identity %s", globus_id, path, identity
             )
 
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             rule = db.get(Rule, rule_id)
             if rule is not None:
                 db.delete(rule)
@@ -466,7 +481,7 @@ class AccessManager(LoggingConfigurable):
         transfer that did reach Globus then fails for lack of access, which is
         the safe way to fail), and intents are looked up at Globus and removed.
         """
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             pending = list(
                 db.scalars(select(Submission).where(Submission.state == "pending"))
             )
@@ -491,7 +506,7 @@ class AccessManager(LoggingConfigurable):
     # views
 
     def transfers_for(self, hub_user: str, limit: int, offset: int) -> dict:
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             query = select(Submission).where(Submission.hub_user == hub_user)
             total = db.scalar(select(func.count()).select_from(query.subquery()))
             rows = db.scalars(
@@ -502,7 +517,7 @@ class AccessManager(LoggingConfigurable):
 
     def counts(self) -> tuple[int, int]:
         """(tasks holding rules, rules tracked), for metrics."""
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             tasks = db.scalar(
                 select(func.count(Submission.id)).where(Submission.state == "active")
             )
@@ -510,7 +525,7 @@ class AccessManager(LoggingConfigurable):
         return int(tasks or 0), int(rules or 0)
 
     def live_rules(self, limit: int, offset: int) -> dict:
-        with self.store.session() as db:
+        with self.ledger.session() as db:
             query = select(Rule).where(Rule.collection_id == self.collection_id)
             total = db.scalar(select(func.count()).select_from(query.subquery()))
             rows = db.scalars(query.order_by(Rule.id).limit(limit).offset(offset))

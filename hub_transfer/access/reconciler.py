@@ -73,7 +73,7 @@ class Reconciler:
         self, now: datetime.datetime
     ) -> tuple[dict[str, list[tuple[int, str]]], dict[str, bytes]]:
         due: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
-        with self.manager.store.session() as db:
+        with self.manager.ledger.session() as db:
             rows = db.scalars(
                 select(Submission).where(
                     Submission.state == "active", Submission.next_check <= now
@@ -109,8 +109,8 @@ class Reconciler:
             )
         else:
             try:
-                refresh_token = self.manager.crypt.decrypt(blob)
-                statuses = await self.manager.submitter.task_statuses(
+                refresh_token = self.manager.keeper.decrypt(blob)
+                statuses = await self.manager.globus.task_statuses(
                     identity, refresh_token, [task_id for _, task_id in tasks]
                 )
             except (ServiceError, CryptKeyError) as err:
@@ -130,7 +130,7 @@ class Reconciler:
     ) -> int:
         ended = 0
         lifetime = self.manager.lifetime()
-        with self.manager.store.session() as db:
+        with self.manager.ledger.session() as db:
             for row_id, task_id in tasks:
                 row = db.get(Submission, row_id)
                 if row is None or row.state != "active":
@@ -168,7 +168,7 @@ class Reconciler:
 
     def _drop_stale_pending(self, now: datetime.datetime) -> int:
         limit = now - datetime.timedelta(seconds=self.manager.pending_timeout)
-        with self.manager.store.session() as db:
+        with self.manager.ledger.session() as db:
             stale = list(
                 db.scalars(
                     select(Submission).where(
@@ -186,7 +186,7 @@ class Reconciler:
 
     def next_delay(self) -> float | None:
         """Seconds until the next task is due; None when nothing is tracked."""
-        with self.manager.store.session() as db:
+        with self.manager.ledger.session() as db:
             soonest = db.scalar(
                 select(func.min(Submission.next_check)).where(
                     Submission.state == "active"

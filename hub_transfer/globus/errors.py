@@ -7,6 +7,8 @@ reading the log and to API clients; they must still be precise.
 
 from __future__ import annotations
 
+import typing as t
+
 import globus_sdk
 
 from ..errors import ServiceError
@@ -43,7 +45,7 @@ def from_globus_error(exc: Exception, operation: str) -> ServiceError:
             502,
             "globus_unreachable",
             f"Could not reach Globus for the {operation} call: "
-            f"{type(exc.exc).__name__}.",
+            f"{type(getattr(exc, 'exc', exc)).__name__}.",
         )
     if not isinstance(exc, globus_sdk.GlobusAPIError):
         return ServiceError(
@@ -53,7 +55,7 @@ def from_globus_error(exc: Exception, operation: str) -> ServiceError:
             f"({type(exc).__name__}).",
         )
 
-    details = {"globus_code": exc.code, "request_id": exc.request_id}
+    details: dict[str, t.Any] = {"globus_code": exc.code, "request_id": exc.request_id}
     message = _safe_message(exc)
 
     # Globus itself failed or is overloaded: a gateway error, not the user's fault
