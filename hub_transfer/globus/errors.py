@@ -13,6 +13,11 @@ import globus_sdk
 
 from ..errors import ServiceError
 
+# calls made with the service's confidential client credentials
+SERVICE_CREDENTIAL_CALLS = frozenset(
+    {"introspect", "dependent_token", "refresh_token", "client_credentials"}
+)
+
 
 def consent_scopes(exc: globus_sdk.GlobusAPIError) -> list[str] | None:
     """The scopes Globus says the user must consent to, if this is that error."""
@@ -72,6 +77,25 @@ def from_globus_error(exc: Exception, operation: str) -> ServiceError:
             "globus_rate_limited",
             f"Globus is rate limiting the {operation} call; try again shortly.",
             headers={"Retry-After": "5"},
+            **details,
+        )
+
+    # Globus Auth refused our own client: a deployment problem, not the user's
+    if operation in SERVICE_CREDENTIAL_CALLS and exc.http_status == 401:
+        return ServiceError(
+            502,
+            "service_credentials_rejected",
+            "Globus Auth rejected the service's client id or secret; the hub admin "
+            "must check GLOBUS_CLIENT_ID and GLOBUS_CLIENT_SECRET.",
+            **details,
+        )
+    # the user's token could not be exchanged: it is stale or lacks consent
+    if operation == "dependent_token" and exc.http_status in (400, 403):
+        return ServiceError(
+            401,
+            "dependent_token_denied",
+            "Globus Auth would not exchange the user's token for a Transfer token "
+            f"({message}). Log in to Globus again from JupyterLab.",
             **details,
         )
 
