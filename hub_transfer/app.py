@@ -362,6 +362,10 @@ class HubTransferApp(Application):
         """Listen until SIGINT or SIGTERM, then stop cleanly."""
         assert self.tornado_app is not None
         await self.start_access()
+        assert self.metrics is not None
+        lag_watch = asyncio.get_running_loop().create_task(
+            self.metrics.watch_loop_lag()
+        )
         url = urlparse(self.bind_url)
         host = url.hostname or "127.0.0.1"
         port = url.port or 10101
@@ -389,6 +393,7 @@ class HubTransferApp(Application):
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig, stop)
         await stop.wait()
+        lag_watch.cancel()
         await self.shutdown()
 
     def _on_signal(self, sig: int, stop: asyncio.Event) -> None:

@@ -363,3 +363,17 @@ async def test_source_elsewhere_is_untouched(api, globus, hub_app):
     assert status == 201
     assert globus.rules() == []
     assert ledger(hub_app, Submission) == []
+
+
+async def test_start_refuses_a_client_without_access_manager_role(hub_app, globus):
+    from hub_transfer.app import StartupError
+
+    await hub_app.check_collection()  # the fixture's client is Access Manager
+
+    hub_app.access.collection_id = "c0ffee00-0000-4000-8000-0000000000ff"
+    hub_app.access._acl = None
+    with pytest.raises(StartupError) as caught:
+        await hub_app.check_collection()
+    message = str(caught.value)
+    assert "Access Manager" in message and "\n" not in message
+    assert globus.client["client_secret"] not in message

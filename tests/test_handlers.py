@@ -381,3 +381,41 @@ async def test_cors_is_closed_by_default(api):
     )
     assert status == 201
     assert "Access-Control-Allow-Origin" not in response.headers
+
+
+async def test_deeply_nested_json_is_400_not_500(api):
+    raw = (
+        b'{"globus_token": "good", "transfer": ' + b"[" * 200000 + b"]" * 200000 + b"}"
+    )
+    status, body, _ = await api.submit(raw=raw[:1_000_000])
+    assert status == 400
+    assert body["error"] == "invalid_transfer"
+
+
+async def test_failed_request_logs_one_line_with_the_detail(api, submitter):
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    submitter.fail_submit = ServiceError(
+        403,
+        "consent_required",
+        "More consent.",
+        globus_code="ConsentRequired",
+        request_id="rq-9",
+    )
+    collector = Collect()
+    access = logging.getLogger("tornado.access")
+    access.addHandler(collector)
+    try:
+        await api.submit(transfer_body())
+    finally:
+        access.removeHandler(collector)
+
+    [line] = [r for r in records if r.levelno == logging.WARNING]
+    text = line.getMessage()
+    assert "403 POST" in text and "(alice@" in text
+    assert "error=consent_required" in text
+    assert "globus_code=ConsentRequired" in text and "request_id=rq-9" in text

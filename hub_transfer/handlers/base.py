@@ -167,22 +167,14 @@ class APIHandler(BaseHandler):
             self.set_header(name, value)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
 
-        # one searchable summary for the access log line; the extension shows the
-        # user only a generic error, so the admin's log must say what happened
-        details = " ".join(
+        # the extension shows the user only a generic error, so the request's one
+        # access-log line (WARNING for 4xx, ERROR for 5xx) must say what happened
+        details = [f"error={error.error}"] + [
             f"{key}={error.details[key]}"
             for key in ("globus_code", "request_id", "field")
             if key in error.details
-        )
-        self.log_outcome = f"error={error.error}" + (f" {details}" if details else "")
-        if status_code >= 400 and error.error != "internal_error":
-            log.warning(
-                "%s %s for hub user %r: %s",
-                self.request.method,
-                self.request.path,
-                self.hub_user_name,
-                error,
-            )
+        ]
+        self.log_outcome = " ".join(details) + f" message={error.message!r}"
         self.finish(json.dumps(error.to_json()))
 
     def log_exception(self, typ: t.Any, value: t.Any, tb: t.Any) -> None:
