@@ -413,7 +413,16 @@ class HubTransferApp(Application):
             await asyncio.sleep(0.05)
         left = self.pending_requests()
         if left:
-            self.log.warning("Exiting with %d request(s) still in flight", left)
+            # answer what is still running rather than dropping it
+            self.log.warning("Cutting short %d request(s) still in flight", left)
+            for handler in list(self.handlers_in_flight):
+                stop = getattr(handler, "stop_for_shutdown", None)
+                if stop is not None and not handler._finished:
+                    stop()
+            for _ in range(20):
+                if not self.pending_requests():
+                    break
+                await asyncio.sleep(0.05)
 
         if self.http_server is not None:
             await self.http_server.close_all_connections()

@@ -419,3 +419,37 @@ async def test_failed_request_logs_one_line_with_the_detail(api, submitter):
     assert "403 POST" in text and "(alice@" in text
     assert "error=consent_required" in text
     assert "globus_code=ConsentRequired" in text and "request_id=rq-9" in text
+
+
+async def test_shutdown_answers_requests_still_in_flight(api, hub_app, submitter):
+    hub_app.shutdown_grace = 0.2
+
+    async def hang(*args):
+        await asyncio.sleep(30)
+
+    submitter.submit = hang
+    pending = asyncio.ensure_future(api.submit(transfer_body()))
+    await asyncio.sleep(0.2)
+    assert hub_app.pending_requests() == 1
+
+    await hub_app.shutdown()
+    status, body, response = await pending
+
+    assert status == 503
+    assert body["error"] == "service_stopping"
+    assert response.headers["Retry-After"]
+
+
+async def test_shutdown_lets_quick_requests_finish(api, hub_app, submitter):
+    original = submitter.submit
+
+    async def slowish(*args):
+        await asyncio.sleep(0.3)
+        return await original(*args)
+
+    submitter.submit = slowish
+    pending = asyncio.ensure_future(api.submit(transfer_body()))
+    await asyncio.sleep(0.1)
+
+    await hub_app.shutdown()
+    assert (await pending)[0] == 201

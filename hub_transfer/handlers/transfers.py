@@ -42,9 +42,10 @@ class TransfersHandler(APIHandler):
         access: AccessManager | None = None,
         policy: AccessPolicy | None = None,
         test_pause: tuple[str, float] | None = None,
-        limits: UserLimits | None = None,
-        binding: IdentityBinding | None = None,
-        request_timeout: float = 20.0,
+        *,
+        limits: UserLimits,
+        binding: IdentityBinding,
+        request_timeout: float,
         **kwargs: t.Any,
     ) -> None:
         super().initialize(hub_auth, **kwargs)
@@ -53,9 +54,11 @@ class TransfersHandler(APIHandler):
         self.access = access
         self.policy = policy
         self.test_pause = test_pause
-        self.limits = limits or UserLimits()
-        self.binding = binding or IdentityBinding()
+        self.limits = limits
+        self.binding = binding
         self.request_timeout = request_timeout
+        self._work: asyncio.Future[t.Any] | None = None
+        self._stopping = False
         self._chunks: list[bytes] = []
         self._received = 0
 
@@ -206,8 +209,19 @@ class TransfersHandler(APIHandler):
 
     async def within_deadline(self, work: t.Awaitable[T]) -> T:
         """Bound a submission's total time: the caller must always get an answer."""
+        self._work = asyncio.ensure_future(work)
         try:
-            return await asyncio.wait_for(work, self.request_timeout)
+            return await asyncio.wait_for(self._work, self.request_timeout)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            raise ServiceError(
+                503,
+                "service_stopping",
+                "The service is restarting; submit the transfer again in a moment. "
+                "Check the Globus web app first: it may have started.",
+                headers={"Retry-After": "5"},
+            ) from None
         except TimeoutError:
             raise ServiceError(
                 504,
@@ -216,6 +230,15 @@ class TransfersHandler(APIHandler):
                 f"{self.request_timeout:g} s. Check the Globus web app before "
                 "trying again: the transfer may have started.",
             ) from None
+
+    def stop_for_shutdown(self) -> None:
+        """Cut short a submission still running when the grace period ends.
+
+        The caller still gets an answer (503), rather than a dropped connection.
+        """
+        self._stopping = True
+        if self._work is not None and not self._work.done():
+            self._work.cancel()
 
     async def submit_for(
         self, hub_user: dict[str, t.Any], request: SubmitRequest
