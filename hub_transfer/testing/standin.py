@@ -143,9 +143,30 @@ class StandInControl:
     API request and returns its decoded JSON answer.
     """
 
+    _url: str | None = None
+
     @property
     def url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("stand-in is not running")
+        return self._url
+
+    def start(self) -> t.Self:
         raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> t.Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        self.stop()
 
     def _control(
         self,
@@ -480,23 +501,6 @@ class StandInProcess(StandInControl):
         """The child's recent stdout lines, for debugging a failed start."""
         return list(self._output)
 
-    @property
-    def url(self) -> str:
-        if self._url is None:
-            raise RuntimeError("stand-in is not running")
-        return self._url
-
-    def __enter__(self) -> StandInProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def _control(
         self,
         method: str,
@@ -587,23 +591,6 @@ class StandInThread(StandInControl):
         if self._loop is not None and self._stop_event is not None:
             self._loop.call_soon_threadsafe(self._stop_event.set)
         thread.join(timeout)
-
-    @property
-    def url(self) -> str:
-        if self._url is None:
-            raise RuntimeError("stand-in is not running")
-        return self._url
-
-    def __enter__(self) -> StandInThread:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _control(
         self,
