@@ -36,6 +36,9 @@ from .policy import AccessPolicy, IdentityBinding
 from .store import CryptKeeper, CryptKeyError, Store
 from .store.db import SchemaError
 
+# Globus failures that say nothing about our configuration
+TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
+
 
 class StartupError(Exception):
     """A setting is missing or wrong: the service cannot start."""
@@ -281,15 +284,30 @@ class HubTransferApp(Application):
         )
 
     async def check_collection(self) -> None:
-        """Prove at start that our client may manage the collection's rules."""
+        """Prove at start that our client may manage the collection's rules.
+
+        A refusal (wrong secret, no Access Manager role, unknown collection) is
+        a configuration error and stops the service. Globus being unreachable
+        or failing is not: JupyterHub takes the whole hub down when a managed
+        service dies at start, so the service starts and ACL calls retry.
+        """
         assert self.access is not None
         try:
             rules = await self.access.acl.list_rules()
         except ServiceError as exc:
+            if exc.status_code in TRANSIENT_STATUSES:
+                self.log.warning(
+                    "Could not check collection %s at start (%s: %s); carrying on, "
+                    "ACL calls will be retried",
+                    self.access.collection_id,
+                    exc.error,
+                    exc.message,
+                )
+                return
             raise StartupError(
-                f"cannot list ACL rules on collection {self.access.collection_id} "
-                f"({exc.error}: {exc.message}); the client needs the Access Manager "
-                "role there"
+                f"cannot manage ACL rules on collection {self.access.collection_id} "
+                f"({exc.error}: {exc.message}); the service's client needs the "
+                "Access Manager role there"
             ) from None
         self.log.info(
             "Collection %s: client may manage its rules (%d present)",

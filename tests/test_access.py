@@ -377,3 +377,31 @@ async def test_start_refuses_a_client_without_access_manager_role(hub_app, globu
     message = str(caught.value)
     assert "Access Manager" in message and "\n" not in message
     assert globus.client["client_secret"] not in message
+
+
+@pytest.mark.parametrize("operation", ["client_credentials", "acl_list"])
+async def test_start_carries_on_when_globus_is_down(hub_app, globus, operation):
+    """A Globus outage at start must not stop the service (and with it the hub)."""
+    globus.standin.add_fault(operation, status=503)
+    await hub_app.check_collection()
+
+    globus.standin.clear_faults()
+    await hub_app.check_collection()
+
+
+async def test_revocation_is_retried_after_a_globus_failure(
+    api, globus, hub_app, reconciler
+):
+    token = globus.user_token("alice")
+    status, body, _ = await api.submit(with_token(into("/alice/retry/f"), token))
+    assert status == 201
+    globus.standin.set_task_status(body["task_id"], "SUCCEEDED")
+    globus.standin.add_fault("acl_delete", status=503, count=1)
+
+    await reconciler.sweep()
+    assert len(globus.rules()) == 1
+    assert len(ledger(hub_app, Rule)) == 1
+
+    await reconciler.sweep()
+    assert globus.rules() == []
+    assert ledger(hub_app, Rule) == []

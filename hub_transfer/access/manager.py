@@ -415,11 +415,20 @@ class AccessManager(LoggingConfigurable):
 
         removed = 0
         for rule_id, owner in orphans:
-            if identity is None:
-                async with self._locks[owner]:
+            try:
+                if identity is None:
+                    async with self._locks[owner]:
+                        removed += await self._revoke(rule_id)
+                else:
                     removed += await self._revoke(rule_id)
-            else:
-                removed += await self._revoke(rule_id)
+            except ServiceError as exc:
+                # the ledger keeps the rule, so the next sweep tries again
+                log.warning(
+                    "Could not revoke ACL rule #%d yet (%s: %s); will retry",
+                    rule_id,
+                    exc.error,
+                    exc.message,
+                )
         return removed
 
     async def _revoke(self, rule_id: int) -> int:

@@ -26,15 +26,23 @@ class CollectionACL:
         self.submitter = submitter
         self.collection_id = collection_id
 
-    @property
-    def _client(self) -> t.Any:
-        return self.submitter.service_transfer_client()
+    async def _call(self, operation: str, method: str, *args: t.Any) -> t.Any:
+        """One ACL call as the service, the client's creation included.
+
+        Creating the client fetches the service's client-credentials token, a
+        network call: it must run in the pool and fail as a ServiceError like
+        the call itself, not on the event loop.
+        """
+
+        def run() -> t.Any:
+            client = self.submitter.service_transfer_client()
+            return getattr(client, method)(*args)
+
+        return await self.submitter.call(operation, run)
 
     async def list_rules(self) -> list[dict[str, t.Any]]:
         """Every rule on the collection (also the start-up permission check)."""
-        response = await self.submitter.call(
-            "acl_list", self._client.endpoint_acl_list, self.collection_id
-        )
+        response = await self._call("acl_list", "endpoint_acl_list", self.collection_id)
         return list(response["DATA"])
 
     async def add_rule(
@@ -59,11 +67,8 @@ class CollectionACL:
             "expiration_date": expires.strftime("%Y-%m-%dT%H:%M:%S+00:00"),
         }
         try:
-            response = await self.submitter.call(
-                "acl_add",
-                self._client.add_endpoint_acl_rule,
-                self.collection_id,
-                document,
+            response = await self._call(
+                "acl_add", "add_endpoint_acl_rule", self.collection_id, document
             )
         except ServiceError as err:
             if err.details.get("globus_code") != "Exists":
@@ -85,9 +90,9 @@ class CollectionACL:
         self, rule_id: str, permissions: str, expires: datetime.datetime
     ) -> None:
         """Widen a rule we own (``r`` to ``rw``) or push its expiry out."""
-        await self.submitter.call(
+        await self._call(
             "acl_update",
-            self._client.update_endpoint_acl_rule,
+            "update_endpoint_acl_rule",
             self.collection_id,
             rule_id,
             {
@@ -100,11 +105,8 @@ class CollectionACL:
     async def delete_rule(self, rule_id: str) -> None:
         """Delete a rule; one that is already gone counts as deleted."""
         try:
-            await self.submitter.call(
-                "acl_delete",
-                self._client.delete_endpoint_acl_rule,
-                self.collection_id,
-                rule_id,
+            await self._call(
+                "acl_delete", "delete_endpoint_acl_rule", self.collection_id, rule_id
             )
         except ServiceError as err:
             if err.status_code != 404:

@@ -18,6 +18,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import threading
 import time
 import typing as t
 
@@ -166,6 +167,7 @@ class TransferSubmitter(LoggingConfigurable):
         )
         self.polling_tokens: ExpiringLRU[str, str] = ExpiringLRU(self.cache_size)
         self._service_client: globus_sdk.TransferClient | None = None
+        self._service_client_lock = threading.Lock()
         self.metrics: Metrics | None = None
         self.in_flight = 0
         self._transport = self._make_transport()
@@ -453,8 +455,13 @@ class TransferSubmitter(LoggingConfigurable):
         """A Transfer client with the service's own client-credentials token.
 
         The authorizer fetches the token once and renews it shortly before it
-        expires, so ACL calls do not each cost a token request.
+        expires, so ACL calls do not each cost a token request. Creating it
+        fetches the first token, so call this from the pool, never the loop.
         """
+        with self._service_client_lock:
+            return self._make_service_client()
+
+    def _make_service_client(self) -> globus_sdk.TransferClient:
         if self._service_client is None:
             authorizer = globus_sdk.ClientCredentialsAuthorizer(
                 self.auth_client, TRANSFER_SCOPE
