@@ -19,3 +19,6 @@ echo "== tests, end-to-end with JupyterHub 6"
 
 echo "== end-to-end with JupyterHub 5.5"
 HUB_PYTHON="$PWD/.venv-hub55/bin/python" "$bin/python" -m pytest -q tests/e2e
+
+echo "== the README's demo"
+"$bin/python" scripts/demo.py
