@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 
+import globus_sdk
 import pytest
 from sqlalchemy import select
 from traitlets.config import Config
@@ -405,3 +406,41 @@ async def test_revocation_is_retried_after_a_globus_failure(
     await reconciler.sweep()
     assert globus.rules() == []
     assert ledger(hub_app, Rule) == []
+
+
+async def test_kept_tokens_are_dropped_and_revoked_when_idle(
+    api, globus, hub_app, reconciler
+):
+    token = globus.user_token("alice")
+    status, body, _ = await api.submit(with_token(into("/alice/idle/f"), token))
+    assert status == 201
+    [credential] = ledger(hub_app, Credential)
+    refresh_token = hub_app.access.keeper.decrypt(credential.refresh_token)
+
+    await reconciler.sweep()
+    assert len(ledger(hub_app, Credential)) == 1, "still needed while the task runs"
+
+    globus.standin.set_task_status(body["task_id"], "SUCCEEDED")
+    result = await reconciler.sweep()
+
+    assert result["retired"] == 1
+    assert ledger(hub_app, Credential) == []
+    assert "revoke" in globus.operations()
+    with pytest.raises(globus_sdk.AuthAPIError):
+        hub_app.submitter.auth_client.oauth2_refresh_token(refresh_token)
+
+
+async def test_ended_transfers_are_pruned_after_the_retention(
+    api, globus, hub_app, reconciler
+):
+    token = globus.user_token("alice")
+    status, body, _ = await api.submit(with_token(into("/alice/old/f"), token))
+    globus.standin.set_task_status(body["task_id"], "FAILED")
+    await reconciler.sweep()
+    assert [s.state for s in ledger(hub_app, Submission)] == ["ended"]
+
+    hub_app.access.history_retention = 0
+    await asyncio.sleep(0.01)
+    result = await reconciler.sweep()
+    assert result["pruned"] == 1
+    assert ledger(hub_app, Submission) == []

@@ -30,7 +30,7 @@ from traitlets.config import LoggingConfigurable
 from ..errors import ServiceError
 from ..globus import CollectionACL, GlobusUser, TransferSubmitter
 from ..policy import AccessNeed, covers
-from ..store import CryptKeeper, Store
+from ..store import CryptKeeper, CryptKeyError, Store
 from ..store.models import Credential, Rule, Submission, utcnow
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,13 @@ class AccessManager(LoggingConfigurable):
         600.0,
         help="""Seconds between status checks of a task that has run for long;
         checks back off from poll_interval towards this.
+        """,
+    ).tag(config=True)
+
+    history_retention = Float(
+        30 * 24 * 3600.0,
+        help="""Seconds the record of an ended transfer is kept for
+        GET api/transfers before it is deleted.
         """,
     ).tag(config=True)
 
@@ -351,18 +358,90 @@ class AccessManager(LoggingConfigurable):
             submission.task_id = task_id
             submission.task_status = "ACTIVE"
             submission.next_check = now + datetime.timedelta(seconds=self.poll_interval)
+            replaced = None
             if refresh_token:
-                self._keep_credential(db, submission.identity_id, refresh_token)
+                replaced = self._keep_credential(
+                    db, submission.identity_id, refresh_token
+                )
             db.commit()
         self.tracked.set()
+        if replaced:
+            self.retire_later([replaced])
 
-    def _keep_credential(self, db: t.Any, identity: str, refresh_token: str) -> None:
+    def _keep_credential(
+        self, db: t.Any, identity: str, refresh_token: str
+    ) -> str | None:
+        """Keep the user's newest refresh token; return the one it replaces."""
         credential = db.get(Credential, identity)
+        old = None
         if credential is None:
             credential = Credential(identity_id=identity)
             db.add(credential)
+        else:
+            try:
+                old = self.keeper.decrypt(credential.refresh_token)
+            except CryptKeyError:
+                old = None
+            if old == refresh_token:
+                return None
         credential.refresh_token = self.keeper.encrypt(refresh_token)
         credential.updated = utcnow()
+        return old
+
+    def drop_idle_credentials(self) -> list[str]:
+        """Forget the refresh tokens of users with no task left to poll.
+
+        Keeping a credential longer than its tasks need it only widens what a
+        stolen database would give away. Returns the tokens, to be revoked.
+        """
+        busy = select(Submission.identity_id).where(
+            Submission.state.in_(("pending", "active"))
+        )
+        retired: list[str] = []
+        with self.ledger.session() as db:
+            idle = list(
+                db.scalars(
+                    select(Credential).where(Credential.identity_id.not_in(busy))
+                )
+            )
+            for credential in idle:
+                try:
+                    retired.append(self.keeper.decrypt(credential.refresh_token))
+                except CryptKeyError:
+                    log.warning(
+                        "Dropping a kept token of identity %s that no key decrypts",
+                        credential.identity_id,
+                    )
+                db.delete(credential)
+            db.commit()
+        return retired
+
+    async def retire(self, tokens: list[str]) -> None:
+        """Revoke refresh tokens at Globus Auth; failures only cost a log line."""
+        for token in tokens:
+            try:
+                await self.globus.revoke_token(token)
+            except ServiceError as exc:
+                log.warning("Could not revoke a retired refresh token: %s", exc)
+
+    def retire_later(self, tokens: list[str]) -> None:
+        self._in_background(self.retire(tokens))
+
+    def prune_history(self, now: datetime.datetime) -> int:
+        """Delete records of transfers that ended longer ago than the retention."""
+        limit = now - datetime.timedelta(seconds=self.history_retention)
+        with self.ledger.session() as db:
+            old = list(
+                db.scalars(
+                    select(Submission).where(
+                        Submission.state == "ended", Submission.ended < limit
+                    )
+                )
+            )
+            for row in old:
+                db.delete(row)
+            db.commit()
+        return len(old)
 
     async def abandon(self, hold: Hold) -> None:
         """The submit failed: drop the submission and revoke what only it held."""
@@ -380,7 +459,10 @@ class AccessManager(LoggingConfigurable):
         If the process dies first, the pending submission is settled by
         :meth:`recover` at the next start.
         """
-        task = asyncio.get_running_loop().create_task(self.abandon(hold))
+        self._in_background(self.abandon(hold))
+
+    def _in_background(self, work: t.Coroutine[t.Any, t.Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -54,19 +54,25 @@ class Reconciler:
         )
         stale = self._drop_stale_pending(now)
         revoked = await self.manager.revoke_unheld()
-        if ended or stale or revoked:
+        retired = self.manager.drop_idle_credentials()
+        await self.manager.retire(retired)
+        pruned = self.manager.prune_history(now)
+        if ended or stale or revoked or retired:
             log.info(
                 "Sweep: %d task(s) ended, %d abandoned submission(s) dropped, "
-                "%d rule(s) revoked",
+                "%d rule(s) revoked, %d kept token(s) retired",
                 ended,
                 stale,
                 revoked,
+                len(retired),
             )
         return {
             "checked": sum(map(len, due.values())),
             "ended": ended,
             "stale": stale,
             "revoked": revoked,
+            "retired": len(retired),
+            "pruned": pruned,
         }
 
     def _due(

@@ -448,6 +448,10 @@ class TransferSubmitter(LoggingConfigurable):
                 statuses[task["task_id"]] = task["status"]
         return statuses
 
+    async def revoke_token(self, token: str) -> None:
+        """Revoke a token we hold (a retired refresh token) at Globus Auth."""
+        await self.call("revoke", self.auth_client.oauth2_revoke_token, token)
+
     # ------------------------------------------------------------------
     # acting as the service itself
 
