@@ -11,6 +11,7 @@ import logging
 import typing as t
 
 from tornado import web
+from tornado.http1connection import HTTP1Connection
 
 from ..access import AccessManager
 from ..errors import ServiceError
@@ -22,6 +23,10 @@ from .base import APIHandler
 
 log = logging.getLogger(__name__)
 T = t.TypeVar("T")
+
+# a refused body is read and discarded up to this many times max_body_size, so
+# the caller (through the proxy) gets our JSON answer, not a reset connection
+DRAIN_FACTOR = 16
 
 
 @web.stream_request_body
@@ -61,15 +66,33 @@ class TransfersHandler(APIHandler):
         self._stopping = False
         self._chunks: list[bytes] = []
         self._received = 0
+        self._early_error: ServiceError | None = None
 
     async def prepare(self) -> None:
         await super().prepare()
         if self.request.method != "POST":
             return
 
-        # refuse strangers before reading what they send
-        self.require_hub_user()
+        # Answering before the body is read makes tornado close the connection
+        # on a client still sending; the proxy then shows the user an HTML 503.
+        # So a refusal waits until the body has been read (and thrown away),
+        # up to a bound beyond which closing is the lesser evil.
+        drain_limit = DRAIN_FACTOR * self.max_body_size
+        declared = self.request.headers.get("Content-Length", "")
+        too_big_to_drain = declared.isdigit() and int(declared) > drain_limit
+        try:
+            self.check_before_body(declared)
+        except ServiceError as exc:
+            if too_big_to_drain:
+                raise
+            self._early_error = exc
+        connection = self.request.connection
+        if isinstance(connection, HTTP1Connection):
+            connection.set_max_body_size(drain_limit)
 
+    def check_before_body(self, declared: str) -> None:
+        """Refusals that need no body: strangers, wrong types, declared size."""
+        self.require_hub_user()
         content_type = self.request.headers.get("Content-Type", "application/json")
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise ServiceError(
@@ -77,14 +100,13 @@ class TransfersHandler(APIHandler):
                 "unsupported_media_type",
                 "Send the transfer document as application/json.",
             )
-        declared = self.request.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_size:
+        if declared.isdigit() and int(declared) > self.max_body_size:
             raise self._too_large()
 
     def data_received(self, chunk: bytes) -> None:
-        # past the limit, keep reading (to answer cleanly) but stop keeping
+        # past the limit, or when already refused, keep reading but not keeping
         self._received += len(chunk)
-        if self._received <= self.max_body_size:
+        if self._early_error is None and self._received <= self.max_body_size:
             self._chunks.append(chunk)
 
     def _too_large(self) -> ServiceError:
@@ -95,6 +117,8 @@ class TransfersHandler(APIHandler):
         )
 
     def parse_body(self) -> SubmitRequest:
+        if self._early_error is not None:
+            raise self._early_error
         if self._received > self.max_body_size:
             raise self._too_large()
         try:
@@ -194,7 +218,7 @@ class TransfersHandler(APIHandler):
         return result
 
     async def post(self) -> None:
-        # 1. who is calling: checked in prepare() before the body was read
+        # 1. who is calling: decided in prepare(), before the body was read
         hub_user = self.require_hub_user()
 
         # 2. is the body sound?

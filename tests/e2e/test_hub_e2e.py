@@ -137,6 +137,22 @@ def test_seed_destination_alias(
     assert items(task) == [("/share/godata/file2.txt", "~/file2.txt", False)]
 
 
+@pytest.mark.parametrize("with_token", [True, False])
+def test_oversized_body_is_json_413_through_the_proxy(
+    hub: Hub, hub_globus: GlobusSetup, alice_server_token: str, with_token: bool
+) -> None:
+    """A refusal must reach the caller as our JSON, not as the proxy's HTML 503
+    for a connection closed while the body was still being sent."""
+    document = extension_document(hub_globus.token("alice"))
+    document["padding"] = "x" * (1536 * 1024)
+    for _ in range(5):
+        response = post(
+            hub.service_url, alice_server_token if with_token else None, document
+        )
+        assert response.status_code == (413 if with_token else 401), response.text
+        assert response.json()["error"] in ("body_too_large", "hub_auth_required")
+
+
 def test_no_hub_token_is_401(hub: Hub, hub_globus: GlobusSetup) -> None:
     response = post(
         hub.service_url, None, extension_document(hub_globus.token("alice"))
