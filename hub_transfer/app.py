@@ -20,7 +20,17 @@ from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuth
 from tornado import httpserver, web
-from traitlets import Bool, Bytes, Float, Instance, Integer, Unicode, default, validate
+from traitlets import (
+    Bool,
+    Bytes,
+    Enum,
+    Float,
+    Instance,
+    Integer,
+    Unicode,
+    default,
+    validate,
+)
 from traitlets.config import Application, catch_config_error
 
 from ._version import __version__
@@ -29,6 +39,7 @@ from .auth import OAuthCallbackHandler, ServiceHubAuth
 from .errors import ServiceError
 from .globus import TransferSubmitter
 from .handlers import default_handlers
+from .handlers.info import NotFoundHandler
 from .limits import UserLimits
 from .log import init_logging, log_request
 from .metrics import Metrics
@@ -37,7 +48,18 @@ from .store import CryptKeeper, CryptKeyError, Store
 from .store.db import SchemaError
 
 # Globus failures that say nothing about our configuration
-TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
+TRANSIENT_ERRORS = frozenset(
+    {
+        "globus_timeout",
+        "globus_unreachable",
+        "globus_unavailable",
+        "globus_rate_limited",
+        "globus_failure",
+    }
+)
+
+
+T = t.TypeVar("T")
 
 
 class StartupError(Exception):
@@ -62,7 +84,7 @@ class HubTransferApp(Application):
 
     aliases = {
         "config": "HubTransferApp.config_file",
-        "log-level": "Application.log_level",
+        "log-level": "HubTransferApp.log_level",
         "bind-url": "HubTransferApp.bind_url",
     }
     flags = {
@@ -71,7 +93,7 @@ class HubTransferApp(Application):
             "Print a config file with every option and its help, then exit.",
         ),
         "debug": (
-            {"Application": {"log_level": logging.DEBUG}},
+            {"HubTransferApp": {"log_level": logging.DEBUG}},
             "Log at DEBUG level.",
         ),
     }
@@ -201,9 +223,11 @@ class HubTransferApp(Application):
     tornado_app = Instance(web.Application, allow_none=True)
     http_server = Instance(httpserver.HTTPServer, allow_none=True)
 
-    @default("log_level")
-    def _log_level_default(self) -> int:
-        return logging.INFO
+    log_level = Enum(
+        (0, 10, 20, 30, 40, 50, "DEBUG", "INFO", "WARN", "ERROR", "CRITICAL"),
+        default_value=logging.INFO,
+        help="Log level, by value or name. INFO logs each request and each rule.",
+    ).tag(config=True)
 
     @default("log_datefmt")
     def _log_datefmt_default(self) -> str:
@@ -283,37 +307,65 @@ class HubTransferApp(Application):
             self.access.max_rules,
         )
 
-    async def check_collection(self) -> None:
-        """Prove at start that our client may manage the collection's rules.
+    async def check_globus(self) -> None:
+        """Prove at start that Globus accepts our client, and in ACL mode that it
+        may manage the collection's rules.
 
         A refusal (wrong secret, no Access Manager role, unknown collection) is
-        a configuration error and stops the service. Globus being unreachable
-        or failing is not: JupyterHub takes the whole hub down when a managed
-        service dies at start, so the service starts and ACL calls retry.
+        a configuration error and stops the service with one line. Globus being
+        unreachable or failing is not: JupyterHub takes the whole hub down when
+        a managed service dies at start, so the service starts and retries.
         """
-        assert self.access is not None
-        try:
-            rules = await self.access.acl.list_rules()
-        except ServiceError as exc:
-            if exc.status_code in TRANSIENT_STATUSES:
-                self.log.warning(
-                    "Could not check collection %s at start (%s: %s); carrying on, "
-                    "ACL calls will be retried",
+        assert self.submitter is not None
+        submitter = self.submitter
+        await self._start_check(
+            "client credentials",
+            # introspecting a token that cannot exist costs nothing and fails
+            # only if Globus Auth rejects the client itself
+            submitter.call(
+                "introspect",
+                lambda: submitter.auth_client.oauth2_token_introspect("start-check"),
+            ),
+        )
+        if self.access is not None:
+            rules = await self._start_check(
+                f"ACL rules of collection {self.access.collection_id}",
+                self.access.acl.list_rules(),
+            )
+            if rules is not None:
+                self.log.info(
+                    "Collection %s: the client may manage its rules (%d present)",
                     self.access.collection_id,
+                    len(rules),
+                )
+
+    async def _start_check(self, what: str, check: t.Awaitable[T]) -> T | None:
+        try:
+            return await check
+        except ServiceError as exc:
+            if exc.error in TRANSIENT_ERRORS:
+                self.log.warning(
+                    "Could not check the %s at start (%s: %s); carrying on, Globus "
+                    "calls will be retried",
+                    what,
                     exc.error,
                     exc.message,
                 )
-                return
+                return None
+            hint = {
+                "service_credentials_rejected": "check GLOBUS_CLIENT_ID and "
+                "GLOBUS_CLIENT_SECRET",
+                404: "check GLOBUS_COLLECTION_ID",
+                403: "the service's client needs the Access Manager role on the "
+                "collection",
+            }
+            advice = (
+                hint.get(exc.error) or hint.get(exc.status_code) or ("see the message")
+            )
             raise StartupError(
-                f"cannot manage ACL rules on collection {self.access.collection_id} "
-                f"({exc.error}: {exc.message}); the service's client needs the "
-                "Access Manager role there"
+                f"Globus refused the {what} check ({exc.error}: {exc.message}); "
+                f"{advice}"
             ) from None
-        self.log.info(
-            "Collection %s: client may manage its rules (%d present)",
-            self.access.collection_id,
-            len(rules),
-        )
 
     def check_settings(self) -> None:
         """Refuse to start half-configured: one line naming what is missing."""
@@ -355,6 +407,8 @@ class HubTransferApp(Application):
             in_flight=self.handlers_in_flight,
             metrics=self.metrics,
             allow_origin=self.allow_origin,
+            default_handler_class=NotFoundHandler,
+            default_handler_args={"hub_auth": self.hub_auth},
         )
 
     # ------------------------------------------------------------------
@@ -368,10 +422,10 @@ class HubTransferApp(Application):
         asyncio.run(self.serve())
 
     async def start_access(self) -> None:
-        """ACL mode: check the collection, settle leftovers, start polling."""
+        """Check Globus; in ACL mode also settle leftovers and start polling."""
+        await self.check_globus()
         if self.access is None:
             return
-        await self.check_collection()
         await self.access.recover()
         self.reconciler = Reconciler(self.access)
         self.reconciler.start()

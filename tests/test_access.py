@@ -369,14 +369,14 @@ async def test_source_elsewhere_is_untouched(api, globus, hub_app):
 async def test_start_refuses_a_client_without_access_manager_role(hub_app, globus):
     from hub_transfer.app import StartupError
 
-    await hub_app.check_collection()  # the fixture's client is Access Manager
+    await hub_app.check_globus()  # the fixture's client is Access Manager
 
     hub_app.access.collection_id = "c0ffee00-0000-4000-8000-0000000000ff"
     hub_app.access._acl = None
     with pytest.raises(StartupError) as caught:
-        await hub_app.check_collection()
+        await hub_app.check_globus()
     message = str(caught.value)
-    assert "Access Manager" in message and "\n" not in message
+    assert "collection" in message and "\n" not in message
     assert globus.client["client_secret"] not in message
 
 
@@ -384,10 +384,10 @@ async def test_start_refuses_a_client_without_access_manager_role(hub_app, globu
 async def test_start_carries_on_when_globus_is_down(hub_app, globus, operation):
     """A Globus outage at start must not stop the service (and with it the hub)."""
     globus.standin.add_fault(operation, status=503)
-    await hub_app.check_collection()
+    await hub_app.check_globus()
 
     globus.standin.clear_faults()
-    await hub_app.check_collection()
+    await hub_app.check_globus()
 
 
 async def test_revocation_is_retried_after_a_globus_failure(
@@ -444,3 +444,15 @@ async def test_ended_transfers_are_pruned_after_the_retention(
     result = await reconciler.sweep()
     assert result["pruned"] == 1
     assert ledger(hub_app, Submission) == []
+
+
+async def test_start_refuses_a_wrong_client_secret(hub_app, globus):
+    from hub_transfer.app import StartupError
+
+    hub_app.submitter.client_secret = "not-the-secret"
+    hub_app.submitter._auth_client = None
+    with pytest.raises(StartupError) as caught:
+        await hub_app.check_globus()
+    message = str(caught.value)
+    assert "GLOBUS_CLIENT_SECRET" in message
+    assert "not-the-secret" not in message

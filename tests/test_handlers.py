@@ -453,3 +453,9 @@ async def test_shutdown_lets_quick_requests_finish(api, hub_app, submitter):
 
     await hub_app.shutdown()
     assert (await pending)[0] == 201
+
+
+async def test_unknown_paths_are_json_404(api):
+    status, body, _ = await api.request("GET", "api/nothing-here", token=None)
+    assert status == 404
+    assert body["error"] == "not_found"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tornado import web
 
 from .._version import __version__
+from ..errors import ServiceError
 from .base import APIHandler
 from .transfers import TransfersHandler
 
@@ -50,6 +51,16 @@ class HealthHandler(APIHandler):
 
     def get(self) -> None:
         self.write_json({"status": "ok", "version": __version__})
+
+
+class NotFoundHandler(APIHandler):
+    """Any path we do not serve: a JSON 404, like every other error."""
+
+    async def prepare(self) -> None:
+        self._hub_auth_user_cache = None
+        raise ServiceError(
+            404, "not_found", f"No such endpoint: {self.request.path[:200]}"
+        )
 
 
 default_handlers: list[tuple[str, type[web.RequestHandler]]] = [
