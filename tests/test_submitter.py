@@ -155,6 +155,15 @@ async def test_globus_failures_map_to_clean_errors(
     assert caught.value.error == error
 
 
+async def test_rate_limit_passes_on_retry_after(globus, real_submitter):
+    token = globus.user_token("alice")
+    globus.standin.add_fault("submit_transfer", status=429, retry_after=7)
+    with pytest.raises(ServiceError) as caught:
+        await submit(real_submitter, token)
+    assert caught.value.status_code == 503
+    assert caught.value.headers["Retry-After"] == "7"
+
+
 async def test_timeout_is_504(globus, real_submitter):
     real_submitter.close()
     submitter = TransferSubmitter(

@@ -72,16 +72,19 @@ def from_globus_error(exc: Exception, operation: str) -> ServiceError:
             **details,
         )
     if exc.http_status == 429:
+        wait = str(exc.headers.get("Retry-After") or "5")
         return ServiceError(
             503,
             "globus_rate_limited",
             f"Globus is rate limiting the {operation} call; try again shortly.",
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": wait if wait.isdigit() else "5"},
             **details,
         )
 
-    # Globus Auth refused our own client: a deployment problem, not the user's
-    if operation in SERVICE_CREDENTIAL_CALLS and exc.http_status == 401:
+    # Globus Auth refused our own client: a deployment problem, not the user's.
+    # Every Auth call we make carries the service's client credentials.
+    is_auth = isinstance(exc, globus_sdk.AuthAPIError)
+    if exc.http_status == 401 and (is_auth or operation in SERVICE_CREDENTIAL_CALLS):
         return ServiceError(
             502,
             "service_credentials_rejected",
@@ -95,7 +98,7 @@ def from_globus_error(exc: Exception, operation: str) -> ServiceError:
             401,
             "dependent_token_denied",
             "Globus Auth would not exchange the user's token for a Transfer token "
-            f"({message}). Log in to Globus again from JupyterLab.",
+            f"({message.rstrip('.')}). Log in to Globus again from JupyterLab.",
             **details,
         )
 
@@ -106,7 +109,7 @@ def from_globus_error(exc: Exception, operation: str) -> ServiceError:
             403,
             "consent_required",
             "Globus needs more consent from the user before this transfer can run: "
-            f"{message} Log in to Globus again from JupyterLab to grant it.",
+            f"{_sentence(message)} Log in to Globus again from JupyterLab to grant it.",
             required_scopes=scopes,
             **details,
         )
@@ -130,3 +133,7 @@ def _safe_message(exc: globus_sdk.GlobusAPIError) -> str:
     message = exc.message or exc.text or f"HTTP {exc.http_status}"
     message = " ".join(str(message).split())
     return message[:500]
+
+
+def _sentence(text: str) -> str:
+    return text if text.endswith((".", "!", "?")) else text + "."
