@@ -4,7 +4,7 @@
 #                JupyterHub 6 (the newest the service supports)
 #   .venv-hub55  the same with JupyterHub 5.5, the zero-to-jupyterhub release
 #   .tools       configurable-http-proxy from npm, for the real hubs
-# Needs python3 (3.10+), npm and network access to PyPI and npm only.
+# Needs python3 (3.11+), npm and network access to PyPI and npm only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
