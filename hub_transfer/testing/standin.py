@@ -636,7 +636,15 @@ def _loopback_host(value: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hub-transfer-globus-standin",
-        description="Globus Auth + Transfer stand-in for hub_transfer tests/demo.",
+        description="Globus Auth + Transfer stand-in for hub_transfer tests/demo. "
+        "Point globus-sdk at it with GLOBUS_SDK_SERVICE_URL_AUTH=<url>/auth/ and "
+        "GLOBUS_SDK_SERVICE_URL_TRANSFER=<url>/transfer/.",
+        epilog="Control API (JSON bodies, loopback only) under <url>/_standin/: "
+        "POST clients, POST identities {username}, POST tokens {identity, "
+        "client_id} (a user token for the client's scope), POST "
+        "tasks/<id>/status {status}, GET tasks, GET acl/<collection>, POST "
+        "access_managers {client_id, endpoint_id}, POST faults {operation, "
+        "status|hang|drop}, GET calls, POST reset.",
     )
     parser.add_argument("--host", type=_loopback_host, default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -680,8 +688,11 @@ def main(argv: list[str] | None = None) -> int:
         acl_limit=args.acl_limit,
         random_seed=args.random_seed,
     )
+    seeding = bool(args.seed_client_id or args.seed_client_secret)
+    if args.seed_access_manager_of and not seeding:
+        build_parser().error("--seed-access-manager-of needs --seed-client-id")
     seed: dict[str, t.Any] | None = None
-    if args.seed_client_id or args.seed_client_secret:
+    if seeding:
         client = state.add_seed_client(
             client_id=args.seed_client_id,
             client_secret=args.seed_client_secret,
