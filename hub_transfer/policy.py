@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
-import re
 
-from traitlets import Callable, TraitError, Unicode, validate
+from traitlets import Callable, Integer, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
-from .model import GlobusUser, TransferDocument
-
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+from .model import CONTROL_CHARS, GlobusUser, TransferDocument
 
 
 class PolicyError(ValueError):
@@ -56,6 +53,14 @@ class AccessPolicy(Configurable):
         """,
     ).tag(config=True)
 
+    max_directories = Integer(
+        20,
+        help="""Directories of the hub collection one transfer may need rules on.
+        A transfer spread over more is refused with 400 too_many_directories:
+        each directory costs a rule, and rules are a shared, limited resource.
+        """,
+    ).tag(config=True)
+
     @validate("path_template")
     def _check_template(self, proposal: dict) -> str:
         value = proposal["value"]
@@ -75,7 +80,7 @@ class AccessPolicy(Configurable):
             not username
             or "/" in username
             or username in (".", "..")
-            or (_CONTROL_CHARS.search(username))
+            or (CONTROL_CHARS.search(username))
         ):
             raise PolicyError(
                 403,
@@ -127,7 +132,17 @@ class AccessPolicy(Configurable):
                 if wanted.get(directory) != "rw":
                     wanted[directory] = permissions
 
-        return _fold(wanted)
+        needs = _fold(wanted)
+        if len(needs) > self.max_directories:
+            raise PolicyError(
+                400,
+                "too_many_directories",
+                f"This transfer touches {len(needs)} directories of the hub "
+                f"collection; at most {self.max_directories} are allowed in one "
+                "transfer. Group the files, or transfer a parent directory.",
+                "transfer.DATA",
+            )
+        return needs
 
 
 def normalise_path(path: str, field: str) -> str:
@@ -137,7 +152,7 @@ def normalise_path(path: str, field: str) -> str:
     no empty segments, no ``~`` (which Globus would resolve against a home
     directory we cannot see), no control characters.
     """
-    if _CONTROL_CHARS.search(path):
+    if CONTROL_CHARS.search(path):
         raise PolicyError(
             400, "invalid_path", f"{field} contains a control character.", field
         )
@@ -150,7 +165,8 @@ def normalise_path(path: str, field: str) -> str:
             field,
         )
     trailing = path.endswith("/") and path != "/"
-    segments = path.strip("/").split("/") if path != "/" else []
+    inner = path[1:-1] if trailing else path[1:]
+    segments = inner.split("/") if inner else []
     for segment in segments:
         if segment in ("", ".", "..") or segment.startswith("~"):
             raise PolicyError(

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from traitlets.config import Config
 
 from hub_transfer.app import HubTransferApp
+from hub_transfer.errors import ServiceError
 from hub_transfer.store.models import Credential, Rule, Submission
 
 from .conftest import SOURCE, transfer_body
@@ -456,3 +457,87 @@ async def test_start_refuses_a_wrong_client_secret(hub_app, globus):
     message = str(caught.value)
     assert "GLOBUS_CLIENT_SECRET" in message
     assert "not-the-secret" not in message
+
+
+async def test_per_user_rule_quota(api, globus, hub_app):
+    hub_app.access.max_rules_per_user = 2
+    token = globus.user_token("alice")
+    assert (await api.submit(with_token(into("/alice/q1/f", "/alice/q2/f"), token)))[
+        0
+    ] == 201
+    status, body, response = await api.submit(with_token(into("/alice/q3/f"), token))
+
+    assert status == 429
+    assert body["error"] == "acl_user_quota"
+    assert response.headers["Retry-After"]
+    assert len(globus.rules()) == 2
+
+
+async def test_rule_cap_counts_new_rules_once(api, globus, hub_app):
+    hub_app.access.max_rules = 3
+    token = globus.user_token("alice")
+    status, body, _ = await api.submit(
+        with_token(into("/alice/c1/f", "/alice/c2/f", "/alice/c3/f"), token)
+    )
+    assert status == 201, body
+    assert len(globus.rules()) == 3
+
+
+async def test_a_rule_globus_creates_late_is_found_and_deleted(globus, tmp_path):
+    """Globus answers the rule request only after we gave up on it."""
+    from hub_transfer.access import Reconciler
+    from hub_transfer.globus import TransferSubmitter
+
+    submitter = TransferSubmitter(
+        client_id=globus.client["client_id"],
+        client_secret=globus.client["client_secret"],
+        required_scope=globus.scope,
+        max_retries=0,
+        http_timeout=0.5,
+    )
+    config = Config()
+    config.AccessManager.collection_id = HUB_COLLECTION
+    app = HubTransferApp(
+        config=config, submitter=submitter, db_url=f"sqlite:///{tmp_path / 'l.db'}"
+    )
+    app.init_submitter()
+    app.init_access()
+    access = app.access
+    token = globus.user_token("alice")
+    user = await submitter.authenticate(token)
+    from hub_transfer.policy import AccessNeed
+
+    globus.standin.add_fault("acl_add", hang=1.5, count=1)
+    with pytest.raises(ServiceError) as caught:
+        await access.open("alice", user, [AccessNeed("/alice/late/", "rw")], None)
+    assert caught.value.error == "globus_timeout"
+    assert globus.rules() == []
+
+    await asyncio.sleep(1.5)  # Globus finishes the request we abandoned
+    assert len(globus.rules()) == 1
+    await Reconciler(access).sweep()
+    assert globus.rules() == []
+    assert ledger(app, Rule) == []
+    submitter.close()
+    app.store.close()
+
+
+async def test_a_managers_rule_made_meanwhile_is_not_deleted(globus, hub_app):
+    """An unanswered request leaves an intent; a rule the collection's manager
+    makes for the same identity and path is not taken for ours."""
+    access = hub_app.access
+    token = globus.user_token("alice")
+    user = await hub_app.submitter.authenticate(token)
+    from hub_transfer.policy import AccessNeed
+
+    hold, _, _ = access._plan(
+        "alice", user.identity_id, [AccessNeed("/alice/m/", "rw")], None
+    )
+    planted = globus.standin.plant_acl_rule(
+        HUB_COLLECTION, user.identity_id, "/alice/m/", "rw"
+    )
+    access.orphan_watch = 0
+    await access.abandon(hold)
+
+    assert [r["id"] for r in globus.rules()] == [planted["id"]]
+    assert ledger(hub_app, Rule) == []

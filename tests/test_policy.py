@@ -127,3 +127,12 @@ def test_user_names_that_would_escape_are_refused(name):
 def test_template_must_contain_username():
     with pytest.raises(TraitError):
         AccessPolicy(path_template="/shared/")
+
+
+def test_too_many_directories_in_one_transfer():
+    policy = AccessPolicy(max_directories=2)
+    items = [("/x", f"/alice/d{i}/f", False) for i in range(3)]
+    with pytest.raises(PolicyError) as caught:
+        policy.needs(doc(items), HUB, "alice")
+    assert caught.value.error == "too_many_directories"
+    assert caught.value.status == 400

@@ -97,6 +97,21 @@ class AccessManager(LoggingConfigurable):
         """,
     ).tag(config=True)
 
+    max_rules_per_user = Integer(
+        50,
+        help="""Rules one Globus identity may hold at once, so that one user
+        cannot take the whole collection's cap. Beyond it: 429 acl_user_quota.
+        """,
+    ).tag(config=True)
+
+    orphan_watch = Float(
+        900.0,
+        help="""Seconds an unfinished rule request (Globus did not answer, or the
+        process died) is looked for at Globus after the fact, so a rule Globus
+        creates late is still found and deleted.
+        """,
+    ).tag(config=True)
+
     history_retention = Float(
         30 * 24 * 3600.0,
         help="""Seconds the record of an ended transfer is kept for
@@ -179,6 +194,10 @@ class AccessManager(LoggingConfigurable):
                     await self._create(rule_id)
                 for rule_id, permissions in widen:
                     await self._widen(rule_id, permissions)
+            except asyncio.CancelledError:
+                # the request's deadline passed: answer now, clean up after
+                self.abandon_later(hold)
+                raise
             except BaseException:
                 await self._release_locked(identity, hold.submission_id)
                 raise
@@ -202,6 +221,7 @@ class AccessManager(LoggingConfigurable):
                 created=now,
             )
             db.add(submission)
+            on_collection = self._rule_count(db)
             live = list(
                 db.scalars(
                     select(Rule).where(
@@ -229,15 +249,7 @@ class AccessManager(LoggingConfigurable):
                             "or remove it.",
                         )
                 if rule is None:
-                    if self._rule_count(db) + len(intents) >= self.max_rules:
-                        raise ServiceError(
-                            503,
-                            "acl_capacity",
-                            f"The hub collection holds the most temporary access "
-                            f"rules this service may keep ({self.max_rules}). "
-                            "Try again when running transfers have finished.",
-                            headers={"Retry-After": "300"},
-                        )
+                    self._check_room(on_collection + len(intents), len(live))
                     rule = Rule(
                         collection_id=self.collection_id,
                         identity_id=identity,
@@ -245,7 +257,9 @@ class AccessManager(LoggingConfigurable):
                         permissions=need.permissions,
                         owned=True,
                         created=now,
-                        expires=now + self.lifetime(),
+                        # whole seconds: Globus keeps no more, and the exact
+                        # value tells our rules from others' (see _is_ours)
+                        expires=(now + self.lifetime()).replace(microsecond=0),
                     )
                     db.add(rule)
                     intents.append(rule)
@@ -256,6 +270,27 @@ class AccessManager(LoggingConfigurable):
             db.commit()
             hold = Hold(submission.id, [r.id for r in submission.rules])
             return hold, [r.id for r in intents], [(r.id, p) for r, p in widen]
+
+    def _check_room(self, on_collection: int, of_identity: int) -> None:
+        """Refuse a new rule past the collection's cap or the user's quota."""
+        if on_collection >= self.max_rules:
+            raise ServiceError(
+                503,
+                "acl_capacity",
+                f"The hub collection holds the most temporary access rules this "
+                f"service may keep ({self.max_rules}). Try again when running "
+                "transfers have finished.",
+                headers={"Retry-After": "300"},
+            )
+        if of_identity >= self.max_rules_per_user:
+            raise ServiceError(
+                429,
+                "acl_user_quota",
+                f"Your running transfers already hold {of_identity} access rules "
+                f"on the hub collection, the most one user may hold "
+                f"({self.max_rules_per_user}). Try again when some have finished.",
+                headers={"Retry-After": "300"},
+            )
 
     def _reusable(
         self, live: list[Rule], need: AccessNeed, now: datetime.datetime
@@ -306,17 +341,17 @@ class AccessManager(LoggingConfigurable):
             rule = db.get(Rule, rule_id)
             assert rule is not None
             rule.globus_rule_id = globus_id
-            if not created:
+            if not created and not _is_ours(existing or {}, rule.expires):
                 # Globus had it already: use it, never delete it
                 rule.owned = False
                 rule.permissions = str((existing or {}).get("permissions", permissions))
                 rule.expires = _parse_expiry((existing or {}).get("expiration_date"))
             db.commit()
         log.info(
-            "ACL rule %s %s: %s on %s for identity %s",
+            "ACL rule %s %s: %s on %r for identity %s",
             globus_id,
-            "created" if created else "already existed (reused, not ours)",
-            permissions,
+            "created" if rule.owned else "already existed (reused, not ours)",
+            rule.permissions,
             path,
             identity,
         )
@@ -335,7 +370,7 @@ class AccessManager(LoggingConfigurable):
             rule = db.get(Rule, rule_id)
             assert rule is not None and rule.globus_rule_id
             globus_id = rule.globus_rule_id
-        expires = utcnow() + self.lifetime()
+        expires = (utcnow() + self.lifetime()).replace(microsecond=0)
         await self.acl.update_rule(globus_id, permissions, expires)
         with self.ledger.session() as db:
             rule = db.get(Rule, rule_id)
@@ -523,11 +558,17 @@ class AccessManager(LoggingConfigurable):
                 return 0
             globus_id, owned = rule.globus_rule_id, rule.owned
             identity, path, created = rule.identity_id, rule.path, rule.created
+            expires = rule.expires
 
         if owned and globus_id is None:
-            # an intent from a process that died mid-request: Globus may have
-            # made the rule without us learning its id
-            globus_id = await self._find_orphan(identity, path, created)
+            # an unanswered request (a timeout, or a process that died): Globus
+            # may create the rule late, so look again on later sweeps
+            globus_id = await self._find_orphan(identity, path, expires)
+            watching = utcnow() - created < datetime.timedelta(
+                seconds=self.orphan_watch
+            )
+            if globus_id is None and watching:
+                return 0
         if owned and globus_id:
             await self.acl.delete_rule(globus_id)
             log.info(
@@ -542,23 +583,21 @@ class AccessManager(LoggingConfigurable):
         return 1
 
     async def _find_orphan(
-        self, identity: str, path: str, created: datetime.datetime
+        self, identity: str, path: str, expires: datetime.datetime | None
     ) -> str | None:
-        """The Globus rule an unfinished intent may have produced, if any.
+        """The Globus rule an unanswered request may have produced, if any.
 
-        A rule for the same identity and path created after our intent was
-        written can only be ours: an older one would have made Globus answer
-        ``Exists``, which we record before anything else.
+        Only a rule carrying the exact expiration date we asked for is taken
+        for ours; one the collection's manager made for the same identity and
+        path meanwhile is left alone.
         """
         existing = await self.acl.find_rule(identity, path)
         if not existing:
             return None
-        made = _parse_expiry(existing.get("create_time"))
-        slack = datetime.timedelta(seconds=5)
-        if made is not None and made + slack >= created:
+        if _is_ours(existing, expires):
             return str(existing["id"])
         log.warning(
-            "Not revoking ACL rule %s on %s: it predates our record of it",
+            "Not revoking ACL rule %s on %r: it was not made by this service",
             existing.get("id"),
             path,
         )
@@ -622,6 +661,18 @@ class AccessManager(LoggingConfigurable):
             rows = db.scalars(query.order_by(Rule.id).limit(limit).offset(offset))
             items = [row.to_json() for row in rows]
         return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+def _is_ours(existing: dict[str, t.Any], expires: datetime.datetime | None) -> bool:
+    """Whether a rule Globus lists is the one we asked for with ``expires``.
+
+    Globus rules carry no owner tag; the expiration date we choose, to the
+    second, is the mark that tells ours from a manager's rule on the same path.
+    """
+    theirs = _parse_expiry(existing.get("expiration_date"))
+    if theirs is None or expires is None:
+        return False
+    return abs((theirs - expires).total_seconds()) < 1
 
 
 def _union(held: str, needed: str) -> str:

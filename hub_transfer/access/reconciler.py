@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from ..errors import ServiceError
 from ..store import CryptKeyError
-from ..store.models import Credential, Submission, utcnow
+from ..store.models import Credential, Rule, Submission, utcnow
 from .manager import FINAL_STATUSES, AccessManager
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,12 @@ class Reconciler:
     # the loop
 
     def next_delay(self) -> float | None:
-        """Seconds until the next task is due; None when nothing is tracked."""
+        """Seconds until the next sweep is needed; None when nothing is tracked.
+
+        Rules still in the ledger without a running task (a revocation Globus
+        refused, a request Globus never answered) bring the next sweep forward
+        to ``poll_interval``.
+        """
         with self.manager.ledger.session() as db:
             soonest = db.scalar(
                 select(func.min(Submission.next_check)).where(
@@ -201,7 +206,10 @@ class Reconciler:
             pending = db.scalar(
                 select(func.count(Submission.id)).where(Submission.state == "pending")
             )
+            rules = db.scalar(select(func.count(Rule.id)))
         if soonest is None:
+            if rules:
+                return max(1.0, self.manager.poll_interval)
             # pending submissions resolve themselves; check them now and then
             return self.manager.pending_timeout if pending else None
         seconds = (soonest - utcnow()).total_seconds()
