@@ -190,6 +190,11 @@ class HubTransferApp(Application):
         """,
     ).tag(config=True)
 
+    hub_timeout = Float(
+        10.0,
+        help="Seconds to wait for JupyterHub to say who is calling; then 504.",
+    ).tag(config=True)
+
     metrics_token = Unicode(
         help="""Bearer token that may read {prefix}metrics without a hub login
         (for a Prometheus scraper). Hub admins may always read it. Default:
@@ -306,6 +311,12 @@ class HubTransferApp(Application):
             self.policy.path_template,
             self.access.max_rules,
         )
+        if not self.binding or not self.binding.enabled:
+            self.log.warning(
+                "ACL mode without IdentityBinding: a hub user may submit with "
+                "any Globus identity's token, and that identity gets the rules "
+                "in the hub user's area"
+            )
 
     async def check_globus(self) -> None:
         """Prove at start that Globus accepts our client, and in ACL mode that it
@@ -402,9 +413,8 @@ class HubTransferApp(Application):
             routes,
             cookie_secret=self.cookie_secret,
             log_function=log_request,
-            # the proxy in front of us sets X-Forwarded-For
-            xheaders=True,
             in_flight=self.handlers_in_flight,
+            hub_timeout=self.hub_timeout,
             metrics=self.metrics,
             allow_origin=self.allow_origin,
             default_handler_class=NotFoundHandler,
@@ -444,6 +454,9 @@ class HubTransferApp(Application):
 
         # tornado drops connections over max_buffer_size; our handler answers a
         # JSON 413 first, so leave tornado's own limit comfortably above ours
+        # xheaders gives tornado the scheme the proxy saw (HubOAuth marks its
+        # cookie Secure behind https); the access log does not trust its
+        # X-Real-Ip and reads the proxy's own X-Forwarded-For entry instead
         self.http_server = httpserver.HTTPServer(
             self.tornado_app,
             xheaders=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import typing as t
 
 from tornado.log import LogFormatter, access_log, app_log, gen_log
 from tornado.web import RequestHandler
@@ -22,12 +23,18 @@ DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
 def token_hash(token: str) -> str:
-    """A short, stable, non-reversible name for a token, safe to log.
+    """The full SHA-256 of a token: the key under which caches keep it.
 
-    Twelve hex digits of SHA-256 are enough to tell one user's token from
-    another in a log without giving anything away.
+    Never a prefix: a cache keyed by a short hash would hand one user's
+    results to whoever finds another string with the same prefix.
     """
-    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:12]
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+def token_label(token: str) -> str:
+    """Twelve hex digits of the token's hash: enough to tell tokens apart in a
+    log line, and nothing a cache lookup would accept."""
+    return token_hash(token)[:12]
 
 
 def init_logging(log: logging.Logger, level: int) -> None:
@@ -61,6 +68,18 @@ def init_logging(log: logging.Logger, level: int) -> None:
         (gen_log, "tornado.general"),
     ):
         tornado_log.name = f"{log.name}.{suffix}"
+
+
+def client_ip(request: t.Any) -> str:
+    """The caller's address as the proxy saw it.
+
+    configurable-http-proxy appends the peer it accepted to X-Forwarded-For, so
+    the last entry is the one a client cannot forge; anything earlier, and any
+    X-Real-Ip, came from the client.
+    """
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    last = forwarded.rsplit(",", 1)[-1].strip()
+    return last or request.remote_ip
 
 
 def log_request(handler: RequestHandler) -> None:
@@ -100,7 +119,7 @@ def log_request(handler: RequestHandler) -> None:
         request.method,
         request.path,
         user,
-        request.remote_ip,
+        client_ip(request),
         elapsed_ms,
         f" {outcome}" if outcome else "",
     )

@@ -18,7 +18,12 @@ MAX_LABEL_LENGTH = 128
 # Longer paths than this are refused before they reach Globus; no filesystem
 # behind a collection accepts them anyway.
 MAX_PATH_LENGTH = 4096
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, line and paragraph separators, and bidirectional
+# overrides: none belongs in a path or label, and each can forge log lines or
+# disguise a path when shown to a person
+CONTROL_CHARS = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
 
 
 class DocumentError(ValueError):
@@ -55,9 +60,9 @@ class TransferDocument:
 class GlobusUser:
     """The Globus side of a caller, as token introspection described it.
 
-    ``token_hash`` names the token in caches and logs; the token itself is
-    carried separately and never stored on this object, so a ``repr`` of it
-    can be logged safely.
+    ``token_hash`` (the full SHA-256 of the token) keys the token caches; the
+    token itself is carried separately and never stored on this object, so a
+    ``repr`` of it can be logged safely.
     """
 
     identity_id: str
@@ -87,7 +92,9 @@ def parse_submit_body(body: bytes, *, max_items: int) -> SubmitRequest:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise DocumentError("body", "The request body is not valid JSON.") from None
+        raise DocumentError(
+            "body", "The request body is not valid JSON (or is nested too deeply)."
+        ) from None
     if not isinstance(data, dict):
         raise DocumentError("body", "The request body must be a JSON object.")
 
@@ -174,7 +181,7 @@ def _path(value: object, field: str) -> str:
         raise DocumentError(
             field, f"{field} is longer than {MAX_PATH_LENGTH} characters."
         )
-    if _CONTROL_CHARS.search(value):
+    if CONTROL_CHARS.search(value):
         raise DocumentError(field, f"{field} contains a control character.")
     return value
 
@@ -195,7 +202,7 @@ def _label(value: object) -> str | None:
             "transfer.label",
             f"label is longer than Globus allows ({MAX_LABEL_LENGTH} characters).",
         )
-    if _CONTROL_CHARS.search(value):
+    if CONTROL_CHARS.search(value):
         raise DocumentError(
             "transfer.label", "label must not contain newlines or control characters."
         )

@@ -27,7 +27,7 @@ import time
 import typing as t
 import uuid
 
-from hub_transfer.log import token_hash
+from hub_transfer.log import token_label
 from hub_transfer.testing.localhub import (
     SERVICE,
     GlobusSetup,
@@ -203,7 +203,7 @@ def submit_seed(globus: GlobusSetup, extension: Extension) -> None:
     )
     scopes = response.json().get("scopes", []) if response.status_code == 200 else []
     check(ACCESS_SCOPE in scopes, f"the server token lacks {ACCESS_SCOPE}")
-    digest = token_hash(extension.server_token)
+    digest = token_label(extension.server_token)
     say(f"{USER}'s server token (sha256 {digest}) holds", step=3)
     say(f"  {ACCESS_SCOPE}")
 

@@ -459,3 +459,71 @@ async def test_unknown_paths_are_json_404(api):
     status, body, _ = await api.request("GET", "api/nothing-here", token=None)
     assert status == 404
     assert body["error"] == "not_found"
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u0085", "\u202e", "\x9b"])
+async def test_paths_with_line_separators_or_bidi_controls_are_400(api, char):
+    body = transfer_body(
+        DATA=[{"source_path": f"/a{char}b", "destination_path": "/d/"}]
+    )
+    status, answer, _ = await api.submit(body)
+    assert status == 400
+    assert answer["field"] == "transfer.DATA[0].source_path"
+
+
+@pytest.mark.parametrize("query", ["offset=99999999999999999999999", "limit=%C2%B2"])
+async def test_paging_arguments_are_checked(api, query):
+    status, body, _ = await api.request("GET", f"api/transfers?{query}")
+    assert status == 400
+    assert body["error"] == "invalid_argument"
+
+
+async def test_hub_services_may_not_submit(api, hub_users, submitter):
+    hub_users["service-token"] = {
+        "kind": "service",
+        "name": "alice",
+        "scopes": ["access:services!service=hub-transfer"],
+    }
+    status, body, _ = await api.submit(transfer_body(), token="service-token")
+    assert status == 403
+    assert body["error"] == "users_only"
+    assert submitter.submitted == []
+
+
+async def test_a_hanging_hub_gets_504_in_bounded_time(api, hub_app, fake_hub_auth):
+    hub_app.tornado_app.settings["hub_timeout"] = 0.3
+
+    def hang(token, use_cache=True, session_id="", *, sync=True):
+        return asyncio.sleep(30)
+
+    fake_hub_auth.user_for_token = hang
+    status, body, _ = await api.submit(transfer_body())
+    assert status == 504
+    assert body["error"] == "hub_unavailable"
+
+
+async def test_bugs_are_logged_without_the_query_string(api, submitter):
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(self.format(record) + str(record.exc_info))
+
+    async def broken(*args):
+        raise RuntimeError("boom")
+
+    submitter.submit = broken
+    collector = Collect()
+    watched = [logging.getLogger(n) for n in ("hub_transfer", "tornado")]
+    for logger in watched:
+        logger.addHandler(collector)
+    try:
+        status, _, _ = await api.request(
+            "POST", "?token=SECRET-IN-QUERY", body=transfer_body()
+        )
+    finally:
+        for logger in watched:
+            logger.removeHandler(collector)
+    assert status == 500
+    assert any("boom" in r for r in records)
+    assert not any("SECRET" in r for r in records)

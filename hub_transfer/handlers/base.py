@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import typing as t
@@ -41,10 +42,24 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         await self.identify_hub_user()
 
     async def identify_hub_user(self) -> None:
-        """Resolve the hub user (or service) behind this request, if any."""
+        """Resolve the hub user (or service) behind this request, if any.
+
+        Bounded in time: a hub that hangs must not hang the caller, whose own
+        Jupyter server waits on us without a timeout.
+        """
         self._hub_auth_user_cache = None
+        timeout = self.settings.get("hub_timeout", 10.0)
         try:
-            model = await self.hub_auth.get_user(self, sync=False)
+            model = await asyncio.wait_for(
+                self.hub_auth.get_user(self, sync=False), timeout
+            )
+        except TimeoutError:
+            log.error("JupyterHub did not say who is calling within %ss", timeout)
+            raise ServiceError(
+                504,
+                "hub_unavailable",
+                "JupyterHub did not answer in time; try again shortly.",
+            ) from None
         except web.HTTPError as exc:
             # HubAuth raises 5xx when the hub cannot be reached or fails
             log.error("Could not check the caller with the hub: %s", exc.log_message)
@@ -68,6 +83,18 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
     def hub_user_name(self) -> str:
         user = getattr(self, "_hub_auth_user_cache", None) or self._hub_user_refused
         return user["name"] if user else ""
+
+    def require_hub_user_not_service(self) -> dict[str, t.Any]:
+        """The calling hub *user*: hub services hold no Globus identity of their
+        own and would share a user's area in ACL mode if named like one."""
+        user = self.require_hub_user()
+        if user.get("kind", "user") != "user":
+            raise ServiceError(
+                403,
+                "users_only",
+                "Only hub users submit transfers; a hub service may not.",
+            )
+        return user
 
     def require_hub_user(self) -> dict[str, t.Any]:
         """The allowed hub user, or a 401/403 telling the caller why not."""
@@ -96,6 +123,8 @@ class APIHandler(BaseHandler):
     """JSON in, JSON out, and every error as ``{status, error, message}``."""
 
     def set_default_headers(self) -> None:
+        # no version banner for strangers
+        self.clear_header("Server")
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
@@ -125,7 +154,8 @@ class APIHandler(BaseHandler):
         values = []
         for name, default, most in (("limit", default_limit, 500), ("offset", 0, None)):
             raw = self.get_query_argument(name, str(default))
-            if not raw.isdigit():
+            # isdigit() alone accepts '²'; and SQLite integers stop at 2**63
+            if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
                 raise ServiceError(
                     400,
                     "invalid_argument",
@@ -165,6 +195,7 @@ class APIHandler(BaseHandler):
 
         for name, value in error.headers.items():
             self.set_header(name, value)
+        self.clear_header("Server")
         self.set_header("Content-Type", "application/json; charset=UTF-8")
 
         # the extension shows the user only a generic error, so the request's one
@@ -178,10 +209,21 @@ class APIHandler(BaseHandler):
         self.finish(json.dumps(error.to_json()))
 
     def log_exception(self, typ: t.Any, value: t.Any, tb: t.Any) -> None:
-        # expected failures are logged once by write_error, without a traceback
+        """Log a bug of ours with its traceback, but never the request itself.
+
+        Tornado's default prints the full URI and the request's headers, which
+        can carry a ``?token=`` or an ``Authorization`` header.
+        """
         if isinstance(value, web.HTTPError):
+            # expected failures are logged once, by the access line
             return
-        super().log_exception(typ, value, tb)
+        log.error(
+            "Unexpected error in %s %s (hub user %r)",
+            self.request.method,
+            self.request.path,
+            self.hub_user_name,
+            exc_info=(typ, value, tb),
+        )
 
 
 def _tornado_code(status: int) -> str:

@@ -63,6 +63,8 @@ class TransfersHandler(APIHandler):
         self.binding = binding
         self.request_timeout = request_timeout
         self._work: asyncio.Future[t.Any] | None = None
+        self._submitting = False
+        self._caller_gone = False
         self._stopping = False
         self._chunks: list[bytes] = []
         self._received = 0
@@ -92,7 +94,7 @@ class TransfersHandler(APIHandler):
 
     def check_before_body(self, declared: str) -> None:
         """Refusals that need no body: strangers, wrong types, declared size."""
-        self.require_hub_user()
+        self.require_hub_user_not_service()
         content_type = self.request.headers.get("Content-Type", "application/json")
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise ServiceError(
@@ -191,6 +193,7 @@ class TransfersHandler(APIHandler):
             )
             await self.pause_for_tests(request.transfer.label)
 
+        self._submitting = True
         try:
             result = await self.submitter.submit(
                 credential, globus_user, request.transfer
@@ -219,7 +222,7 @@ class TransfersHandler(APIHandler):
 
     async def post(self) -> None:
         # 1. who is calling: decided in prepare(), before the body was read
-        hub_user = self.require_hub_user()
+        hub_user = self.require_hub_user_not_service()
 
         # 2. is the body sound?
         request = self.parse_body()
@@ -237,6 +240,11 @@ class TransfersHandler(APIHandler):
         try:
             return await asyncio.wait_for(self._work, self.request_timeout)
         except asyncio.CancelledError:
+            if self._caller_gone:
+                # nobody will read this answer; it only ends the request cleanly
+                raise ServiceError(
+                    400, "caller_gone", "The caller closed the connection."
+                ) from None
             if not self._stopping:
                 raise
             raise ServiceError(
@@ -254,6 +262,21 @@ class TransfersHandler(APIHandler):
                 f"{self.request_timeout:g} s. Check the Globus web app before "
                 "trying again: the transfer may have started.",
             ) from None
+
+    def on_connection_close(self) -> None:
+        """The caller hung up: drop the work unless the submit already started.
+
+        A transfer nobody waits for would surprise the user, who saw a failure
+        and will try again. Once the submit is under way it must finish, so its
+        rules are tracked (or revoked) properly.
+        """
+        if self._work is not None and not self._work.done() and not self._submitting:
+            log.warning(
+                "Caller of %s left before the submit; dropping its request",
+                self.request.path,
+            )
+            self._caller_gone = True
+            self._work.cancel()
 
     def stop_for_shutdown(self) -> None:
         """Cut short a submission still running when the grace period ends.
