@@ -31,7 +31,7 @@ from ..errors import ServiceError
 from ..globus import CollectionACL, GlobusUser, TransferSubmitter
 from ..policy import AccessNeed, covers
 from ..store import CryptKeeper, CryptKeyError, Store
-from ..store.models import Credential, Rule, Submission, utcnow
+from ..store.models import Credential, Rule, Submission, holds, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -520,15 +520,19 @@ class AccessManager(LoggingConfigurable):
 
         :returns: how many rules were removed from the ledger
         """
+        # one query, however many rules: those no live submission holds
+        busy = (
+            select(holds.c.rule_id)
+            .join(Submission, Submission.id == holds.c.submission_id)
+            .where(Submission.state.in_(("pending", "active")))
+        )
+        query = select(Rule.id, Rule.identity_id).where(
+            Rule.collection_id == self.collection_id, Rule.id.not_in(busy)
+        )
+        if identity is not None:
+            query = query.where(Rule.identity_id == identity)
         with self.ledger.session() as db:
-            query = select(Rule).where(Rule.collection_id == self.collection_id)
-            if identity is not None:
-                query = query.where(Rule.identity_id == identity)
-            orphans = [
-                (r.id, r.identity_id)
-                for r in db.scalars(query)
-                if not any(s.state in ("pending", "active") for s in r.holders)
-            ]
+            orphans = [(row.id, row.identity_id) for row in db.execute(query)]
 
         removed = 0
         for rule_id, owner in orphans:
