@@ -29,6 +29,7 @@ from traitlets.config import LoggingConfigurable
 
 from ..errors import ServiceError
 from ..globus import CollectionACL, GlobusUser, TransferSubmitter
+from ..log import token_hash
 from ..policy import AccessNeed, covers
 from ..store import CryptKeeper, CryptKeyError, Store
 from ..store.models import Credential, Rule, Submission, holds, utcnow
@@ -153,8 +154,12 @@ class AccessManager(LoggingConfigurable):
         self._locks: collections.defaultdict[str, asyncio.Lock] = (
             collections.defaultdict(asyncio.Lock)
         )
-        # set whenever a task starts being tracked, to wake the reconciler
+        # set when a task starts being tracked while the reconciler sleeps with
+        # nothing to do; otherwise its next sweep comes soon enough
         self.tracked = asyncio.Event()
+        self.reconciler_idle = True
+        # identity -> hash of the refresh token the ledger already keeps
+        self._kept: dict[str, str] = {}
         self._acl: CollectionACL | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -394,12 +399,14 @@ class AccessManager(LoggingConfigurable):
             submission.task_status = "ACTIVE"
             submission.next_check = now + datetime.timedelta(seconds=self.poll_interval)
             replaced = None
-            if refresh_token:
-                replaced = self._keep_credential(
-                    db, submission.identity_id, refresh_token
-                )
+            identity = submission.identity_id
+            if refresh_token and self._kept.get(identity) != token_hash(refresh_token):
+                replaced = self._keep_credential(db, identity, refresh_token)
+                self._kept[identity] = token_hash(refresh_token)
             db.commit()
-        self.tracked.set()
+        if self.reconciler_idle:
+            # a sleeping reconciler has nothing else to wake it
+            self.tracked.set()
         if replaced:
             self.retire_later([replaced])
 

@@ -227,10 +227,12 @@ class Reconciler:
             except Exception:
                 log.exception("Reconciler sweep failed; retrying shortly")
                 delay = self.manager.poll_interval
+            self.manager.reconciler_idle = delay is None
             try:
                 await asyncio.wait_for(tracked.wait(), delay)
             except TimeoutError:
                 pass
+            self.manager.reconciler_idle = False
 
     def start(self) -> None:
         if self._task is None:

@@ -36,6 +36,11 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
             in_flight.add(self)
 
     async def prepare(self) -> None:
+        # the scheme the proxy was reached with, so HubOAuth marks its cookie
+        # Secure behind https
+        scheme = self.request.headers.get("X-Forwarded-Proto", "").split(",")[0]
+        if scheme.strip() in ("http", "https"):
+            self.request.protocol = scheme.strip()
         if self.request.method == "OPTIONS":
             self._hub_auth_user_cache = None
             return

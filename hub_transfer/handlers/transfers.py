@@ -315,17 +315,11 @@ class TransfersHandler(APIHandler):
             hub_user["name"], globus_user, credential, needs, request
         )
 
+        # the request's access line is the one record of the submission
         task_id = result["task_id"]
         self.log_outcome = (
             f"task_id={task_id} items={len(request.transfer.items)} "
             f"globus_identity={globus_user.identity_id}"
-        )
-        log.info(
-            "Submitted transfer %s for hub user %s (Globus %s, %d items)",
-            task_id,
-            hub_user["name"],
-            globus_user.username or globus_user.identity_id,
-            len(request.transfer.items),
         )
         return {
             "task_id": task_id,
