@@ -22,3 +22,6 @@ HUB_PYTHON="$PWD/.venv-hub55/bin/python" "$bin/python" -m pytest -q tests/e2e
 
 echo "== the README's demo"
 "$bin/python" scripts/demo.py
+
+echo "== benchmark, short form (prints figures; fails only on wrong results)"
+"$bin/python" benchmarks/bench_submit.py --short
