@@ -392,6 +392,13 @@ class TransferSubmitter(LoggingConfigurable):
         :returns: Globus's answer: ``task_id``, ``submission_id``, ``code``...
         :raises ServiceError: if Globus refuses or cannot be reached
         """
+        # TODO: the two warm-path calls below cost ~1.5 ms of CPU each in
+        # requests/urllib3 on a worker thread, and the pool caps throughput at
+        # about max_workers / (2 x call time). Making them on the event loop
+        # with a keep-alive async HTTP client halved CPU per submission in the
+        # benchmark's prototype (benchmarks/prototypes.py); it needs a client
+        # both supported JupyterHub versions ship, and the same timeout, retry
+        # and error mapping as globus-sdk gives here.
         client = self.transfer_client(credential.access_token)
         try:
             # a submission id first, so a retried submit can never start twice
