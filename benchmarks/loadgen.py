@@ -27,6 +27,8 @@ import sys
 import time
 import typing as t
 
+from hub_transfer.testing.documents import extension_body, item
+
 # a transfer between two endpoints the hub collection is not: no ACL work
 SOURCE = "ddb59aef-6d04-11e5-ba46-22000b92c6ec"
 DESTINATION = "ddb59af0-6d04-11e5-ba46-22000b92c6ec"
@@ -132,31 +134,19 @@ class LoadGenerator:
         rule the first request made.
         """
         if acl is None:
-            return {
-                "source_endpoint": SOURCE,
-                "destination_endpoint": DESTINATION,
-                "DATA": [
-                    {
-                        "source_path": "/share/godata/file1.txt",
-                        "destination_path": "~/",
-                        "recursive": False,
-                    }
-                ],
-                "label": "bench",
-            }
-        folder = f"r{number}" if acl == "new" else "shared"
-        return {
-            "source_endpoint": SOURCE,
-            "destination_endpoint": self.collection,
-            "DATA": [
-                {
-                    "source_path": "/share/godata/file1.txt",
-                    "destination_path": f"/{user}/bench/{folder}/file1.txt",
-                    "recursive": False,
-                }
-            ],
-            "label": f"bench-{acl}",
-        }
+            destination, path = DESTINATION, "~/"
+        else:
+            folder = f"r{number}" if acl == "new" else "shared"
+            destination = self.collection
+            path = f"/{user}/bench/{folder}/file1.txt"
+        body = extension_body(
+            None,
+            source=SOURCE,
+            destination=destination,
+            items=[item("/share/godata/file1.txt", path)],
+            label="bench" if acl is None else f"bench-{acl}",
+        )
+        return body["transfer"]
 
     def body(self, user: dict[str, str], acl: str | None) -> bytes:
         document = {

@@ -21,6 +21,7 @@ from hub_transfer.auth import ServiceHubAuth
 from hub_transfer.errors import ServiceError
 from hub_transfer.globus import GlobusUser, TransferSubmitter, UserCredential
 from hub_transfer.model import TransferDocument
+from hub_transfer.testing.documents import extension_body
 
 SERVICE_SCOPE = "access:services!service=hub-transfer"
 PREFIX = "/services/hub-transfer/"
@@ -182,18 +183,11 @@ def api(http_server_client) -> Api:
 
 def transfer_body(**overrides: t.Any) -> dict[str, t.Any]:
     """The document the JupyterLab extension sends, with optional changes."""
-    transfer = {
-        "source_endpoint": SOURCE,
-        "destination_endpoint": DESTINATION,
-        "DATA": [
-            {
-                "source_path": "/share/godata/file1.txt",
-                "destination_path": "~/",
-                "recursive": False,
-            },
-            {"source_path": "/foo/bar", "destination_path": "~/bar", "recursive": True},
-        ],
-        "label": "from JupyterLab",
-    }
-    transfer.update(overrides)
-    return {"globus_token": "good-globus-token", "transfer": transfer}
+    body = extension_body(
+        "good-globus-token",
+        source=SOURCE,
+        destination=DESTINATION,
+        label="from JupyterLab",
+    )
+    body["transfer"].update(overrides)
+    return body

@@ -14,6 +14,8 @@ import uuid
 import pytest
 import requests
 
+from hub_transfer.testing.documents import extension_body
+
 from .conftest import GlobusSetup, Hub, argv_of, http, hub_python
 
 pytestmark = pytest.mark.e2e
@@ -25,26 +27,9 @@ ACCESS_SCOPE = "access:services!service=hub-transfer"
 
 def extension_document(globus_token: str, label: str = "e2e") -> dict[str, t.Any]:
     """The body the Globus JupyterLab extension POSTs, field for field."""
-    return {
-        "globus_token": globus_token,
-        "transfer": {
-            "source_endpoint": SOURCE,
-            "destination_endpoint": DESTINATION,
-            "DATA": [
-                {
-                    "source_path": "/share/godata/file1.txt",
-                    "destination_path": "~/",
-                    "recursive": False,
-                },
-                {
-                    "source_path": "/foo/bar",
-                    "destination_path": "~/bar",
-                    "recursive": True,
-                },
-            ],
-            "label": label,
-        },
-    }
+    return extension_body(
+        globus_token, source=SOURCE, destination=DESTINATION, label=label
+    )
 
 
 def post(url: str, token: str | None, body: t.Any) -> requests.Response:
