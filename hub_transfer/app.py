@@ -409,11 +409,17 @@ class HubTransferApp(Application):
         ]
         routes.append((self.route("oauth_callback"), OAuthCallbackHandler, kwargs))
         self.handlers_in_flight: weakref.WeakSet[web.RequestHandler] = weakref.WeakSet()
+        # submits that must finish even when their caller stopped waiting
+        self.background_tasks: set[asyncio.Future[t.Any]] = set()
+        # set at SIGINT/SIGTERM: new requests are turned away from then on
+        self.stopping = asyncio.Event()
         self.tornado_app = web.Application(
             routes,
             cookie_secret=self.cookie_secret,
             log_function=log_request,
             in_flight=self.handlers_in_flight,
+            background=self.background_tasks,
+            stopping=self.stopping,
             hub_timeout=self.hub_timeout,
             metrics=self.metrics,
             allow_origin=self.allow_origin,
@@ -488,7 +494,13 @@ class HubTransferApp(Application):
         stop.set()
 
     async def shutdown(self) -> None:
-        """Stop accepting, let in-flight requests finish, release resources."""
+        """Stop accepting, let in-flight requests finish, release resources.
+
+        Requests arriving on the proxy's kept-alive connections after the
+        signal get a 503 that closes the connection, so the grace period is
+        spent on the requests already under way.
+        """
+        self.stopping.set()
         if self.http_server is not None:
             self.http_server.stop()
 
@@ -503,10 +515,19 @@ class HubTransferApp(Application):
                 stop = getattr(handler, "stop_for_shutdown", None)
                 if stop is not None and not handler._finished:
                     stop()
-            for _ in range(20):
-                if not self.pending_requests():
-                    break
+            # requests already submitting are left to finish: cutting them
+            # would answer 503 for a transfer that reached Globus
+            deadline = asyncio.get_running_loop().time() + self.shutdown_grace
+            while (
+                self.pending_requests() and asyncio.get_running_loop().time() < deadline
+            ):
                 await asyncio.sleep(0.05)
+
+        # submits whose callers stopped waiting still confirm or revoke
+        if self.background_tasks:
+            await asyncio.wait(list(self.background_tasks), timeout=self.shutdown_grace)
+        if self.access is not None:
+            await self.access.settle_background(self.shutdown_grace)
 
         if self.http_server is not None:
             await self.http_server.close_all_connections()

@@ -22,7 +22,7 @@ MAX_PATH_LENGTH = 4096
 # overrides: none belongs in a path or label, and each can forge log lines or
 # disguise a path when shown to a person
 CONTROL_CHARS = re.compile(
-    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 )
 
 
@@ -103,6 +103,8 @@ def parse_submit_body(body: bytes, *, max_items: int) -> SubmitRequest:
     token = data.get("globus_token")
     if token is not None and not isinstance(token, str):
         raise DocumentError("globus_token", "globus_token must be a string.")
+    if token and (CONTROL_CHARS.search(token) or not token.isascii()):
+        raise DocumentError("globus_token", "globus_token is not a Globus token.")
 
     if "transfer" not in data:
         raise DocumentError("transfer", "The body has no 'transfer' document.")

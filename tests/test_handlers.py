@@ -427,7 +427,8 @@ async def test_shutdown_answers_requests_still_in_flight(api, hub_app, submitter
     async def hang(*args):
         await asyncio.sleep(30)
 
-    submitter.submit = hang
+    # hung before the submit: safe to cut (a submit under way is left to finish)
+    submitter.user_credential = hang
     pending = asyncio.ensure_future(api.submit(transfer_body()))
     await asyncio.sleep(0.2)
     assert hub_app.pending_requests() == 1

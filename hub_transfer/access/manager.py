@@ -404,11 +404,15 @@ class AccessManager(LoggingConfigurable):
                 replaced = self._keep_credential(db, identity, refresh_token)
                 self._kept[identity] = token_hash(refresh_token)
             db.commit()
-        if self.reconciler_idle:
-            # a sleeping reconciler has nothing else to wake it
-            self.tracked.set()
+        self.wake_reconciler()
         if replaced:
             self.retire_later([replaced])
+
+    def wake_reconciler(self) -> None:
+        """Wake a reconciler that sleeps with nothing to do; a busy one sweeps
+        again soon anyway, and waking it from its own sweep would spin it."""
+        if self.reconciler_idle:
+            self.tracked.set()
 
     def _keep_credential(
         self, db: t.Any, identity: str, refresh_token: str
@@ -459,8 +463,13 @@ class AccessManager(LoggingConfigurable):
         return retired
 
     async def retire(self, tokens: list[str]) -> None:
-        """Revoke refresh tokens at Globus Auth; failures only cost a log line."""
+        """Revoke refresh tokens at Globus Auth; failures only cost a log line.
+
+        Revoking a refresh token also ends the access tokens issued with it, so
+        the submitter first forgets every cached token that came with it.
+        """
         for token in tokens:
+            self.globus.forget_refresh_token(token)
             try:
                 await self.globus.revoke_token(token)
             except ServiceError as exc:
@@ -502,6 +511,11 @@ class AccessManager(LoggingConfigurable):
         :meth:`recover` at the next start.
         """
         self._in_background(self.abandon(hold))
+
+    async def settle_background(self, timeout: float) -> None:
+        """Let background clean-ups finish, before the thread pool closes."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout)
 
     def _in_background(self, work: t.Coroutine[t.Any, t.Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -551,6 +565,7 @@ class AccessManager(LoggingConfigurable):
                     removed += await self._revoke(rule_id)
             except ServiceError as exc:
                 # the ledger keeps the rule, so the next sweep tries again
+                self.wake_reconciler()
                 log.warning(
                     "Could not revoke ACL rule #%d yet (%s: %s); will retry",
                     rule_id,
@@ -571,20 +586,24 @@ class AccessManager(LoggingConfigurable):
             identity, path, created = rule.identity_id, rule.path, rule.created
             expires = rule.expires
 
+        watching = False
         if owned and globus_id is None:
             # an unanswered request (a timeout, or a process that died): Globus
-            # may create the rule late, so look again on later sweeps
+            # may create the rule late, and a retry still running in a worker
+            # thread may create it again, so keep looking for the whole window
             globus_id = await self._find_orphan(identity, path, expires)
             watching = utcnow() - created < datetime.timedelta(
                 seconds=self.orphan_watch
             )
-            if globus_id is None and watching:
-                return 0
+            if watching:
+                self.wake_reconciler()
         if owned and globus_id:
             await self.acl.delete_rule(globus_id)
             log.info(
-                "ACL rule %s revoked: %s for identity %s", globus_id, path, identity
+                "ACL rule %s revoked: %r for identity %s", globus_id, path, identity
             )
+        if watching:
+            return 0
 
         with self.ledger.session() as db:
             rule = db.get(Rule, rule_id)

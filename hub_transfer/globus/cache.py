@@ -64,6 +64,13 @@ class ExpiringLRU(t.Generic[K, V]):
     def discard(self, key: K) -> None:
         self._data.pop(key, None)
 
+    def discard_where(self, predicate: t.Callable[[V], bool]) -> int:
+        """Drop every entry whose value matches; returns how many went."""
+        doomed = [key for key, (_, value) in self._data.items() if predicate(value)]
+        for key in doomed:
+            del self._data[key]
+        return len(doomed)
+
     def clear(self) -> None:
         self._data.clear()
 
@@ -75,36 +82,37 @@ class ExpiringLRU(t.Generic[K, V]):
         """Return the cached value, or run ``load`` once for all waiters.
 
         ``load`` returns ``(value, ttl)``. When several requests miss on the same
-        key at once (a user clicking Transfer on several files), only the first
-        runs ``load``; the rest await its result, so Globus sees one call.
-        Exceptions reach every waiter and nothing is cached.
+        key at once (a user clicking Transfer on several files), only one load
+        runs and the rest await it, so Globus sees one call. The load runs as a
+        task of its own: a waiter cut short by its deadline does not cancel it
+        for the others. Exceptions reach every waiter and nothing is cached.
         """
         value = self.get(key)
         if value is not None:
             return value
 
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._load(key, load))
+            self._inflight[key] = task
+            # no waiter left to see a failure must not make asyncio complain
+            task.add_done_callback(_observe)
+        return await asyncio.shield(task)
 
-        future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+    async def _load(
+        self, key: K, load: t.Callable[[], t.Awaitable[tuple[V, float]]]
+    ) -> V:
         try:
             value, ttl = await load()
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
-        except Exception as exc:
-            future.set_exception(exc)
-            # mark retrieved so an unobserved failure is not logged at exit
-            future.exception()
-            raise
-        else:
             self.put(key, value, ttl)
-            future.set_result(value)
             return value
         finally:
             self._inflight.pop(key, None)
 
     def stats(self) -> dict[str, int]:
         return {"size": len(self._data), "hits": self.hits, "misses": self.misses}
+
+
+def _observe(task: asyncio.Future[t.Any]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -457,6 +457,18 @@ class TransferSubmitter(LoggingConfigurable):
                 statuses[task["task_id"]] = task["status"]
         return statuses
 
+    def forget_refresh_token(self, refresh_token: str) -> None:
+        """Drop cached Transfer tokens that came with ``refresh_token``.
+
+        Called before the refresh token is revoked: Globus ends the access
+        tokens of a revoked grant, and a cached one would then fail the user's
+        next submission.
+        """
+        self.transfer_tokens.discard_where(
+            lambda credential: credential.refresh_token == refresh_token
+        )
+        self.polling_tokens.clear()
+
     async def revoke_token(self, token: str) -> None:
         """Revoke a token we hold (a retired refresh token) at Globus Auth."""
         await self.call("revoke", self.auth_client.oauth2_revoke_token, token)

@@ -44,6 +44,15 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         if self.request.method == "OPTIONS":
             self._hub_auth_user_cache = None
             return
+        stopping = self.settings.get("stopping")
+        if stopping is not None and stopping.is_set():
+            self._hub_auth_user_cache = None
+            raise ServiceError(
+                503,
+                "service_stopping",
+                "The service is restarting; try again in a moment.",
+                headers={"Retry-After": "5", "Connection": "close"},
+            )
         await self.identify_hub_user()
 
     async def identify_hub_user(self) -> None:

@@ -13,7 +13,7 @@ import typing as t
 from tornado import web
 from tornado.http1connection import HTTP1Connection
 
-from ..access import AccessManager
+from ..access import AccessManager, Hold
 from ..errors import ServiceError
 from ..globus import GlobusUser, TransferSubmitter, UserCredential
 from ..limits import UserLimits
@@ -193,7 +193,27 @@ class TransfersHandler(APIHandler):
             )
             await self.pause_for_tests(request.transfer.label)
 
+        # the submit and what follows it run as a task of their own: a deadline
+        # or a hung-up caller can stop waiting, but a submit that reached Globus
+        # is still confirmed (tracked) or its rules revoked, never left half-done
         self._submitting = True
+        settle = asyncio.ensure_future(
+            self.submit_and_settle(hold, credential, globus_user, request)
+        )
+        background = self.settings.get("background")
+        if background is not None:
+            background.add(settle)
+            settle.add_done_callback(background.discard)
+        return await asyncio.shield(settle)
+
+    async def submit_and_settle(
+        self,
+        hold: Hold | None,
+        credential: UserCredential,
+        globus_user: GlobusUser,
+        request: SubmitRequest,
+    ) -> dict[str, t.Any]:
+        access = self.access
         try:
             result = await self.submitter.submit(
                 credential, globus_user, request.transfer
@@ -206,11 +226,6 @@ class TransfersHandler(APIHandler):
                     globus_code=result.get("code"),
                     request_id=result.get("request_id"),
                 )
-        except asyncio.CancelledError:
-            # the deadline passed: answer now, revoke in the background
-            if hold is not None and access is not None:
-                access.abandon_later(hold)
-            raise
         except BaseException:
             if hold is not None and access is not None:
                 await access.abandon(hold)
@@ -282,7 +297,11 @@ class TransfersHandler(APIHandler):
         """Cut short a submission still running when the grace period ends.
 
         The caller still gets an answer (503), rather than a dropped connection.
+        A submission already submitting is left to finish: Globus may have
+        started the transfer.
         """
+        if self._submitting:
+            return
         self._stopping = True
         if self._work is not None and not self._work.done():
             self._work.cancel()
