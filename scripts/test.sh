@@ -20,6 +20,9 @@ echo "== tests, end-to-end with JupyterHub 6"
 echo "== end-to-end with JupyterHub 5.5"
 HUB_PYTHON="$PWD/.venv-hub55/bin/python" "$bin/python" -m pytest -q tests/e2e
 
+echo "== robustness suite: faults, kills, shutdown, hostile callers, secrets"
+"$bin/python" -m pytest -q -p no:logging tests/stress
+
 echo "== the README's demo"
 "$bin/python" scripts/demo.py
 

@@ -123,6 +123,14 @@ class TransferSubmitter(LoggingConfigurable):
         """,
     ).tag(config=True)
 
+    ambiguous_retries = Integer(
+        2,
+        help="""Times a submit that timed out or lost its connection is repeated,
+        with the same submission id, to learn whether Globus started it. Runs on
+        after the request's deadline, so the task is tracked either way.
+        """,
+    ).tag(config=True)
+
     introspection_ttl = Float(
         30.0,
         help="""Seconds a token introspection result is reused, never past the
@@ -404,13 +412,39 @@ class TransferSubmitter(LoggingConfigurable):
             # a submission id first, so a retried submit can never start twice
             submission = await self.call("submission_id", client.get_submission_id)
             data = build_transfer_data(document, submission["value"])
-            result = await self.call("submit", client.submit_transfer, data)
+            result = await self.submit_until_known(client, data)
         except ServiceError as err:
             # a token Globus no longer accepts must not be served again
             if err.status_code in (401, 403):
                 self.transfer_tokens.discard(user.token_hash)
             raise
         return dict(result.data)
+
+    async def submit_until_known(
+        self, client: globus_sdk.TransferClient, data: globus_sdk.TransferData
+    ) -> t.Any:
+        """Submit, and after a timeout or a lost connection submit again.
+
+        Such a failure leaves it unknown whether Globus started the transfer.
+        The same submission id makes a repeat safe: Globus answers with the
+        task it already has, or starts it now. Only a known outcome is
+        returned; the caller may have stopped waiting, but the service still
+        learns the task id and tracks (or revokes) accordingly.
+        """
+        for attempt in range(self.ambiguous_retries + 1):
+            try:
+                return await self.call("submit", client.submit_transfer, data)
+            except ServiceError as err:
+                unknown = err.error in ("globus_timeout", "globus_unreachable")
+                if not unknown or attempt == self.ambiguous_retries:
+                    raise
+                self.log.warning(
+                    "Submit of %s ended without an answer (%s); submitting again",
+                    data["submission_id"],
+                    err.error,
+                )
+                await asyncio.sleep(2**attempt)
+        raise AssertionError("unreachable")
 
     async def task_statuses(
         self, identity_id: str, refresh_token: str, task_ids: list[str]

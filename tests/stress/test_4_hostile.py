@@ -398,14 +398,14 @@ def test_globus_tokens(caller: Caller) -> None:
 
 def test_globus_token_with_a_lone_surrogate(caller: Caller) -> None:
     """JSON may carry ``"\\udcff"``, which decodes to a str no UTF-8 encoder
-    takes; as a Globus token it must be refused like any bad token, not reach
+    takes; as a Globus token it must be refused as malformed (400), not reach
     the HTTP library and fail the request with a 500."""
     document = caller.document("alice", token="abc\udcffdef")
     caller.expect(
         "Globus token with a lone surrogate",
         caller.post(caller.hub.server_token("alice"), document),
-        401,
-        "globus_token_inactive",
+        400,
+        "invalid_transfer",
     )
 
 
