@@ -353,7 +353,7 @@ class AccessManager(LoggingConfigurable):
                 rule.expires = _parse_expiry((existing or {}).get("expiration_date"))
             db.commit()
         log.info(
-            "ACL rule %s %s: %s on %r for identity %s",
+            "ACL rule %s %s: %s on %s for identity %s",
             globus_id,
             "created" if rule.owned else "already existed (reused, not ours)",
             rule.permissions,
@@ -600,7 +600,7 @@ class AccessManager(LoggingConfigurable):
         if owned and globus_id:
             await self.acl.delete_rule(globus_id)
             log.info(
-                "ACL rule %s revoked: %r for identity %s", globus_id, path, identity
+                "ACL rule %s revoked: %s for identity %s", globus_id, path, identity
             )
         if watching:
             return 0
