@@ -481,18 +481,21 @@ class AccessManager(LoggingConfigurable):
     def prune_history(self, now: datetime.datetime) -> int:
         """Delete records of transfers that ended longer ago than the retention."""
         limit = now - datetime.timedelta(seconds=self.history_retention)
+        return self.drop_submissions("ended", Submission.ended < limit)
+
+    def drop_submissions(self, state: str, condition: t.Any) -> int:
+        """Delete submissions in ``state`` matching ``condition``; their holds go
+        with them (the rules themselves are revoked by the next sweep)."""
         with self.ledger.session() as db:
-            old = list(
+            rows = list(
                 db.scalars(
-                    select(Submission).where(
-                        Submission.state == "ended", Submission.ended < limit
-                    )
+                    select(Submission).where(Submission.state == state, condition)
                 )
             )
-            for row in old:
+            for row in rows:
                 db.delete(row)
             db.commit()
-        return len(old)
+        return len(rows)
 
     async def abandon(self, hold: Hold) -> None:
         """The submit failed: drop the submission and revoke what only it held."""

@@ -174,18 +174,7 @@ class Reconciler:
 
     def _drop_stale_pending(self, now: datetime.datetime) -> int:
         limit = now - datetime.timedelta(seconds=self.manager.pending_timeout)
-        with self.manager.ledger.session() as db:
-            stale = list(
-                db.scalars(
-                    select(Submission).where(
-                        Submission.state == "pending", Submission.created < limit
-                    )
-                )
-            )
-            for row in stale:
-                db.delete(row)
-            db.commit()
-        return len(stale)
+        return self.manager.drop_submissions("pending", Submission.created < limit)
 
     # ------------------------------------------------------------------
     # the loop
