@@ -517,7 +517,11 @@ async def test_a_rule_globus_creates_late_is_found_and_deleted(globus, tmp_path)
     assert caught.value.error == "globus_timeout"
     assert globus.rules() == []
 
-    await asyncio.sleep(1.5)  # Globus finishes the request we abandoned
+    # Globus finishes the request we abandoned
+    for _ in range(50):
+        if globus.rules():
+            break
+        await asyncio.sleep(0.1)
     assert len(globus.rules()) == 1
     await Reconciler(access).sweep()
     assert globus.rules() == []
