@@ -42,10 +42,9 @@ FINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED"})
 
 @dataclasses.dataclass
 class Hold:
-    """The rules one in-progress submission holds (by database id)."""
+    """An in-progress submission; the ledger links it to the rules it holds."""
 
     submission_id: int
-    rule_ids: list[int]
 
 
 class AccessManager(LoggingConfigurable):
@@ -122,8 +121,9 @@ class AccessManager(LoggingConfigurable):
 
     pending_timeout = Float(
         600.0,
-        help="""Seconds after which a submission that never reached Globus is
-        considered abandoned (its process died) and its rules are revoked.
+        help="""Seconds after which a submission still waiting for its submit is
+        considered abandoned and its rules are revoked. (At start, those left
+        by a process that died are settled at once.)
         """,
     ).tag(config=True)
 
@@ -273,7 +273,7 @@ class AccessManager(LoggingConfigurable):
                     widen.append((rule, _union(rule.permissions, need.permissions)))
                 submission.rules.append(rule)
             db.commit()
-            hold = Hold(submission.id, [r.id for r in submission.rules])
+            hold = Hold(submission.id)
             return hold, [r.id for r in intents], [(r.id, p) for r, p in widen]
 
     def _check_room(self, on_collection: int, of_identity: int) -> None:
